@@ -1,0 +1,361 @@
+"""Torch executors that share one parameter store: the forward model and the transposed model.
+
+Every float initializer of the user's file is exactly one torch Parameter keyed by its ONNX name. The
+forward executor runs the ONNX nodes in order on those parameters; operators with weights run as this
+module's own functional code, and weight-free operators without an implementation here are converted one
+node at a time by onnx2torch. The transposed executor runs the plan's steps on the same parameters.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onnxmark.errors import OnnxmarkError
+from onnxmark.graph import ModelGraph, Node
+from onnxmark.plan import Plan
+
+log = logging.getLogger(__name__)
+
+# Probability of dropout after every transposed conv/linear layer but the last, during hardening.
+TRANSPOSED_DROPOUT = 0.1
+
+
+class ParameterStore(torch.nn.Module):
+    """One torch tensor per ONNX constant; float initializers are trainable Parameters."""
+
+    def __init__(self, graph: ModelGraph):
+        super().__init__()
+        self.graph = graph
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.parameter_list = torch.nn.ParameterList()
+        statistics = {name for node in graph.nodes if node.op_type == "BatchNormalization"
+                      for name in node.inputs[3:5]}
+
+        for name in graph.float_initializer_names():
+            value = torch.tensor(np.asarray(graph.constants[name], dtype=np.float32))
+            parameter = torch.nn.Parameter(value, requires_grad=name not in statistics)
+            self.tensors[name] = parameter
+            self.parameter_list.append(parameter)
+        for name, value in graph.constants.items():
+            if name not in self.tensors:
+                self.tensors[name] = torch.from_numpy(np.array(value))
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameter_list if p.requires_grad]
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Current values of the user's float initializers, as float32 numpy arrays."""
+        return {name: self.tensors[name].detach().cpu().numpy().copy() for name in self.graph.float_initializer_names()}
+
+    def load(self, values: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, value in values.items():
+                self.tensors[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+class GraphRunner:
+    """Evaluate ONNX nodes in topological order with torch, on the parameter store."""
+
+    def __init__(self, graph: ModelGraph, store: ParameterStore):
+        self.graph = graph
+        self.store = store
+        self.batch_norm_training = False
+        self._fallback_modules: dict[str, tuple] = {}
+
+    def run(self, targets: list[str], feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        needed = self._needed_nodes(targets, set(feeds))
+        env = dict(feeds)
+        for node in needed:
+            inputs = [self._value(name, env) for name in node.inputs]
+            outputs = self._run_node(node, inputs)
+            env.update(zip(node.outputs, outputs))
+        return {name: self._value(name, env) for name in targets}
+
+    def _value(self, name: str, env: dict):
+        if not name:
+            return None
+        if name in env:
+            return env[name]
+        return self.store.tensors[name]
+
+    def _needed_nodes(self, targets: list[str], known: set[str]) -> list[Node]:
+        wanted = {t for t in targets if t not in known and t not in self.store.tensors}
+        needed = []
+        for node in reversed(self.graph.nodes):
+            if any(out in wanted for out in node.outputs):
+                needed.append(node)
+                wanted.update(n for n in node.inputs if n and n not in known and n not in self.store.tensors)
+        return list(reversed(needed))
+
+    def _run_node(self, node: Node, inputs: list) -> list:
+        implementation = OPS.get(node.op_type)
+        if implementation is not None and node.domain in ("", "ai.onnx"):
+            result = implementation(self, node, inputs)
+        else:
+            result = self._run_fallback(node, inputs)
+        return list(result) if isinstance(result, (tuple, list)) else [result]
+
+    def _run_fallback(self, node: Node, inputs: list):
+        if node.name not in self._fallback_modules:
+            self._fallback_modules[node.name] = self._convert_with_onnx2torch(node)
+        module, input_names = self._fallback_modules[node.name]
+        by_name = dict(zip(node.inputs, inputs))
+        return module(*[by_name.get(name) for name in input_names])
+
+    def _convert_with_onnx2torch(self, node: Node):
+        from onnx2torch.node_converters import get_converter
+        from onnx2torch.onnx_graph import OnnxGraph
+
+        if not hasattr(self, "_onnx2torch_graph"):
+            self._onnx2torch_graph = OnnxGraph(self.graph.model.graph)
+        for candidate in self._onnx2torch_graph.nodes.values():
+            if list(candidate.output_values) == node.outputs:
+                break
+        else:
+            raise OnnxmarkError(f"{node.describe(self.graph.opset)} was not found by onnx2torch")
+        try:
+            converter = get_converter(operation_type=node.op_type, version=self.graph.opset, domain=node.domain)
+            module, mapping = converter(candidate, self._onnx2torch_graph)
+        except NotImplementedError as error:
+            raise OnnxmarkError(f"{node.describe(self.graph.opset)} cannot run in torch: {error}") from error
+        return module, list(mapping.inputs)
+
+    def data_shape(self, tensor: str) -> tuple[int, ...]:
+        return self.graph.shapes[tensor]
+
+
+class ForwardExecutor:
+    """The classifier in torch: model input (model layout and value range) to logits."""
+
+    def __init__(self, graph: ModelGraph, store: ParameterStore):
+        self.graph = graph
+        self.runner = GraphRunner(graph, store)
+
+    def __call__(self, inputs: torch.Tensor, batch_norm_training: bool = False) -> torch.Tensor:
+        self.runner.batch_norm_training = batch_norm_training
+        return self.runner.run([self.graph.logits_name], {self.graph.input_name: inputs})[self.graph.logits_name]
+
+
+class TransposedExecutor:
+    """The transposed model in torch: key vectors to images in the model's input layout."""
+
+    def __init__(self, graph: ModelGraph, store: ParameterStore, plan: Plan, dropout: float = TRANSPOSED_DROPOUT):
+        self.graph = graph
+        self.plan = plan
+        self.runner = GraphRunner(graph, store)
+        self.dropout = dropout
+        layers = plan.layer_indices
+        self.dropout_after = set(layers[:-1])
+
+    def __call__(self, keys: torch.Tensor, training: bool = False) -> torch.Tensor:
+        weights = self.runner.run(self.plan.weight_names(), {})
+        y = keys
+        for index, step in enumerate(self.plan.steps):
+            y = step.run_torch(y, weights)
+            if training and index in self.dropout_after and self.dropout > 0:
+                y = F.dropout(y, self.dropout, training=True)
+        return y
+
+
+# ----- operator implementations: (runner, node, inputs) -> output or tuple of outputs -----
+
+def _explicit_pads(node: Node, spatial: int) -> tuple[list[int], list[int]]:
+    pads = list(node.attrs.get("pads", [0] * 2 * spatial))
+    return pads[:spatial], pads[spatial:]
+
+
+def _torch_pad(begins: list[int], ends: list[int]) -> list[int]:
+    pad = []
+    for begin, end in zip(reversed(begins), reversed(ends)):
+        pad += [begin, end]
+    return pad
+
+
+def _conv(runner, node, inputs):
+    x, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    spatial = weight.dim() - 2
+    begins, ends = _explicit_pads(node, spatial)
+    if any(begins) or any(ends):
+        x = F.pad(x, _torch_pad(begins, ends))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return conv(x, weight, bias, stride=node.attrs.get("strides", 1), dilation=node.attrs.get("dilations", 1),
+                groups=node.attrs.get("group", 1))
+
+
+def _gemm(runner, node, inputs):
+    a, b = inputs[0], inputs[1]
+    if node.attrs.get("transA", 0):
+        a = a.T
+    if node.attrs.get("transB", 0):
+        b = b.T
+    y = node.attrs.get("alpha", 1.0) * (a @ b)
+    if len(inputs) > 2 and inputs[2] is not None:
+        y = y + node.attrs.get("beta", 1.0) * inputs[2]
+    return y
+
+
+def _batch_norm(runner, node, inputs):
+    x, scale, bias, mean, var = inputs[:5]
+    momentum = 1.0 - node.attrs.get("momentum", 0.9)   # ONNX keeps `momentum` of the old value
+    return F.batch_norm(x, mean, var, scale, bias, training=runner.batch_norm_training, momentum=momentum,
+                        eps=node.attrs.get("epsilon", 1e-5))
+
+
+def _pool_geometry(node, x):
+    spatial = x.dim() - 2
+    kernel = list(node.attrs["kernel_shape"])
+    strides = list(node.attrs.get("strides", [1] * spatial))
+    dilations = list(node.attrs.get("dilations", [1] * spatial))
+    begins, ends = _explicit_pads(node, spatial)
+    return spatial, kernel, strides, dilations, begins, ends
+
+
+def _max_pool(runner, node, inputs):
+    x = inputs[0]
+    spatial, kernel, strides, dilations, begins, ends = _pool_geometry(node, x)
+    if any(begins) or any(ends):
+        x = F.pad(x, _torch_pad(begins, ends), value=float("-inf"))
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+    return pool(x, kernel, strides, 0, dilations, ceil_mode=bool(node.attrs.get("ceil_mode", 0)))
+
+
+def _average_pool(runner, node, inputs):
+    x = inputs[0]
+    spatial, kernel, strides, _, begins, ends = _pool_geometry(node, x)
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+    ceil_mode = bool(node.attrs.get("ceil_mode", 0))
+    if not any(begins) and not any(ends):
+        return pool(x, kernel, strides, 0, ceil_mode=ceil_mode)
+    padded = F.pad(x, _torch_pad(begins, ends))
+    total = pool(padded, kernel, strides, 0, ceil_mode=ceil_mode)
+    if node.attrs.get("count_include_pad", 0):
+        return total
+    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(begins, ends))
+    return total / pool(ones, kernel, strides, 0, ceil_mode=ceil_mode)
+
+
+def _global_average_pool(runner, node, inputs):
+    x = inputs[0]
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _reshape(runner, node, inputs):
+    x = inputs[0]
+    output = node.outputs[0]
+    if runner.graph.is_data(output):
+        # Batch-preserving reshape to the recorded shape, so fixed batch-1 exports train in batches.
+        return x.reshape(x.shape[0], *runner.data_shape(output))
+    shape = [int(v) for v in inputs[1].tolist()]
+    if not node.attrs.get("allowzero", 0):
+        shape = [x.shape[i] if v == 0 else v for i, v in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _flatten(runner, node, inputs):
+    x = inputs[0]
+    axis = node.attrs.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    leading = int(np.prod(x.shape[:axis])) if axis else 1
+    return x.reshape(leading, -1)
+
+
+def _axes(node, inputs, rank):
+    if "axes" in node.attrs:
+        axes = list(node.attrs["axes"])
+    elif len(inputs) > 1 and inputs[1] is not None:
+        axes = [int(v) for v in inputs[1].tolist()]
+    else:
+        return None
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def _squeeze(runner, node, inputs):
+    x = inputs[0]
+    axes = _axes(node, inputs, x.dim())
+    if axes is None:
+        return x.squeeze()
+    for axis in sorted(axes, reverse=True):
+        x = x.squeeze(axis)
+    return x
+
+
+def _unsqueeze(runner, node, inputs):
+    x = inputs[0]
+    axes = _axes(node, inputs, x.dim() + len(node.attrs.get("axes", inputs[1] if len(inputs) > 1 else [])))
+    for axis in sorted(axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _gather(runner, node, inputs):
+    data, indices = inputs
+    axis = node.attrs.get("axis", 0)
+    axis = axis + data.dim() if axis < 0 else axis
+    indices = indices.long()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    flat = torch.index_select(data, axis, indices.reshape(-1))
+    return flat.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1:])
+
+
+def _concat(runner, node, inputs):
+    tensors = [t for t in inputs if t is not None and t.numel() > 0] or inputs[:1]
+    return torch.cat(tensors, dim=node.attrs["axis"])
+
+
+def _softmax(runner, node, inputs):
+    return F.softmax(inputs[0], dim=node.attrs.get("axis", -1 if runner.graph.opset >= 13 else 1))
+
+
+def _log_softmax(runner, node, inputs):
+    return F.log_softmax(inputs[0], dim=node.attrs.get("axis", -1 if runner.graph.opset >= 13 else 1))
+
+
+def _cast(runner, node, inputs):
+    import onnx
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    x = inputs[0]
+    if np.issubdtype(dtype, np.floating) and x.is_floating_point():
+        return x   # float casts keep training in float32
+    return x.to(torch.from_numpy(np.zeros(0, dtype=dtype)).dtype)
+
+
+def _identity(runner, node, inputs):
+    return inputs[0]
+
+
+OPS = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda r, n, i: i[0] @ i[1],
+    "Add": lambda r, n, i: i[0] + i[1],
+    "Sub": lambda r, n, i: i[0] - i[1],
+    "Mul": lambda r, n, i: i[0] * i[1],
+    "Div": lambda r, n, i: i[0] / i[1],
+    "BatchNormalization": _batch_norm,
+    "Relu": lambda r, n, i: F.relu(i[0]),
+    "LeakyRelu": lambda r, n, i: F.leaky_relu(i[0], n.attrs.get("alpha", 0.01)),
+    "Sigmoid": lambda r, n, i: torch.sigmoid(i[0]),
+    "Tanh": lambda r, n, i: torch.tanh(i[0]),
+    "MaxPool": _max_pool,
+    "AveragePool": _average_pool,
+    "GlobalAveragePool": _global_average_pool,
+    "GlobalMaxPool": lambda r, n, i: i[0].amax(dim=tuple(range(2, i[0].dim())), keepdim=True),
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": lambda r, n, i: i[0].permute(*n.attrs.get("perm", reversed(range(i[0].dim())))),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Shape": lambda r, n, i: torch.tensor(i[0].shape, dtype=torch.int64),
+    "Gather": _gather,
+    "Concat": _concat,
+    "Cast": _cast,
+    "Identity": _identity,
+    "Dropout": _identity,     # inference behaviour: the forward model trains without its own dropout
+    "Softmax": _softmax,
+    "LogSoftmax": _log_softmax,
+}

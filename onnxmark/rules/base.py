@@ -1,0 +1,57 @@
+"""The transposed counterpart of one forward node, runnable in torch and exportable to ONNX."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnxmark.graph import ModelGraph, Node
+
+
+class Unsupported(Exception):
+    """A node that a registered rule still cannot transpose, with the reason."""
+
+
+@dataclass
+class Step:
+    """One layer of the transposed model.
+
+    `input_shape` is the forward node's activation input (the shape this step produces) and
+    `output_shape` the forward node's output (the shape this step consumes); both exclude the batch.
+    `weights` are the names of the constant tensors the step reads, shared with the forward model.
+    """
+
+    node: Node
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    weights: tuple[str, ...] = ()
+    is_layer: bool = False          # a conv or linear layer: dropout follows it during hardening
+    attrs: dict = field(default_factory=dict)
+
+    def run_torch(self, y, weights: dict):
+        """Map a batch shaped like the forward output back to one shaped like the forward input."""
+        raise NotImplementedError
+
+    def emit_onnx(self, builder, y: str) -> str:
+        """Add the same computation to an ONNX graph; return the name of the produced tensor."""
+        raise NotImplementedError
+
+    def signature(self, graph: ModelGraph) -> dict:
+        """Structure of this step that a suspect must share: op type, shapes and weight shapes."""
+        return {
+            "op": self.node.op_type,
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "weight_shapes": [list(graph.constant_value(name).shape) for name in self.weights],
+        }
+
+
+def activation_input(node: Node, graph: ModelGraph) -> str:
+    """Return the single activation input of a node, or raise Unsupported when there is not exactly one."""
+    data_inputs = [name for name in node.inputs if name and graph.is_data(name)]
+    if len(data_inputs) != 1:
+        raise Unsupported(f"it has {len(data_inputs)} activation inputs; only nodes with one are supported")
+    return data_inputs[0]
+
+
+def channel_view_shape(length: int, rank: int) -> list[int]:
+    """Shape that broadcasts a per-channel vector over a batch of rank `rank` in NC... layout."""
+    return [1, length] + [1] * (rank - 2)
