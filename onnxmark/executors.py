@@ -298,7 +298,7 @@ def _gather(runner, node, inputs):
     indices = indices.long()
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
     flat = torch.index_select(data, axis, indices.reshape(-1))
-    return flat.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1:])
+    return flat.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]))
 
 
 def _concat(runner, node, inputs):

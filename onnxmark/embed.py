@@ -1,0 +1,169 @@
+"""The embed job: watermark an ONNX classifier and write the model, the key and the evidence."""
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxmark import __version__
+from onnxmark.data import InputSpec, Preprocessing, adapt_images, load_dataset, split_held_out, to_layout
+from onnxmark.errors import OnnxmarkError
+from onnxmark.evaluate import accuracy
+from onnxmark.extract import extract, write_evidence
+from onnxmark.files import OutputTransaction
+from onnxmark.graph import ModelGraph, import_graph, load_onnx
+from onnxmark.keyfile import Key, sha256_bytes
+from onnxmark.plan import build_plan
+from onnxmark.secrets import DEFAULT_SECRET_COUNT, default_texts, load_secret_image, render_text
+from onnxmark.writeback import write_back
+
+log = logging.getLogger(__name__)
+
+# Keys are drawn uniformly from this range so that they overlap the range of real logits.
+KEY_LOW, KEY_HIGH = -10.0, 10.0
+# A model whose held-out accuracy is below this multiple of chance level is trained from scratch.
+UNTRAINED_CHANCE_FACTOR = 2.0
+# Learning rate of the main task when the model is already trained: small, to keep its accuracy.
+TRAINED_MAIN_LR = 1e-4
+TRAINED_EPOCHS = 3
+
+
+@dataclass
+class EmbedOptions:
+    """Everything `onnxmark embed` can be asked for, with the command line's defaults."""
+
+    data: str
+    output_dir: Path
+    secret_texts: list[str] = field(default_factory=list)
+    secret_images: list[str] = field(default_factory=list)
+    key_count: int = DEFAULT_SECRET_COUNT
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    ssim_target: float = 0.95
+    max_hardening_steps: int = 2000
+    epochs: int | None = None           # None: 5 from scratch, TRAINED_EPOCHS for a trained model
+    mode: str = "auto"                  # "auto", "scratch" or "trained"
+    held_out: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+    force: bool = False
+
+
+def output_paths(model_path: Path, output_dir: Path) -> dict[str, Path]:
+    stem = model_path.name[:-5] if model_path.name.endswith(".onnx") else model_path.name
+    return {"model": output_dir / f"{stem}.wm.onnx", "key": output_dir / "key.json",
+            "evidence": output_dir / "evidence"}
+
+
+def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
+    """Watermark a model file; return the summary that `embed --json` prints."""
+    import torch
+
+    from onnxmark.training import TrainingConfig, Watermarker
+
+    started = time.time()
+    model_path = Path(model_path)
+    progress = progress or (lambda *args: None)
+    torch.manual_seed(options.seed)
+
+    original = load_onnx(model_path)
+    graph = import_graph(model_path, original)
+    plan = build_plan(graph)
+    spec = InputSpec.from_dims(graph.input_dims)
+    options.preprocessing.check_channels(spec.channels)
+    paths = output_paths(model_path, options.output_dir)
+
+    with OutputTransaction(force=options.force) as transaction:
+        for path in paths.values():
+            transaction.check(path)
+
+        inputs, labels = _prepared_data(options, spec, graph)
+        train, held = split_held_out(len(inputs), options.held_out, options.seed)
+        accuracy_before = accuracy(original.SerializeToString(), inputs[held], labels[held])
+        trained = _is_trained(options.mode, accuracy_before, _class_count(graph))
+
+        secrets = _secrets(options, spec)
+        keys = np.random.default_rng(options.seed).uniform(KEY_LOW, KEY_HIGH, (len(secrets), _class_count(graph)))
+        config = TrainingConfig(
+            ssim_target=options.ssim_target, max_hardening_steps=options.max_hardening_steps,
+            epochs=options.epochs if options.epochs is not None else (TRAINED_EPOCHS if trained else 5),
+            batch_size=options.batch_size, main_lr=TRAINED_MAIN_LR if trained else 1e-3,
+            freeze_batch_norm=trained)
+        watermarker = Watermarker(graph, plan, spec, options.preprocessing, keys.astype(np.float32), secrets, config)
+
+        hardening_steps = 0 if trained else watermarker.harden(progress)
+        schedule = watermarker.constraint_train(inputs[train], labels[train], options.seed, progress=progress)
+
+        watermarked = write_back(original, watermarker.trained_values())
+        model_bytes = watermarked.SerializeToString()
+        accuracy_after = accuracy(model_bytes, inputs[held], labels[held])
+
+        key = Key(keys=keys.astype(np.float32), secrets=secrets, input_spec=spec,
+                  preprocessing=options.preprocessing, signature=plan.signature(graph),
+                  model_sha256=sha256_bytes(model_bytes), model_file=paths["model"].name,
+                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  onnxmark_version=__version__)
+        extraction = extract(paths["model"], key, watermarked)
+
+        transaction.write_bytes(paths["model"], model_bytes)
+        transaction.write_text(paths["key"], key.to_json(), private=True)
+        evidence = write_evidence(extraction, paths["evidence"], transaction)
+
+    return {
+        "model": str(paths["model"]),
+        "key": str(paths["key"]),
+        "evidence": str(paths["evidence"]),
+        "mode": "trained" if trained else "scratch",
+        "ssim_mean": evidence["ssim_mean"],
+        "ssim_min": evidence["ssim_min"],
+        "accuracy_before": accuracy_before,
+        "accuracy_after": accuracy_after,
+        "hardening_steps": hardening_steps,
+        "main_steps": schedule["main_steps"],
+        "watermark_steps": schedule["watermark_steps"],
+        "seconds": round(time.time() - started, 2),
+    }
+
+
+def _class_count(graph: ModelGraph) -> int:
+    shape = graph.shapes[graph.logits_name]
+    if len(shape) != 1:
+        raise OnnxmarkError(f"{graph.path}: the logits '{graph.logits_name}' have shape {list(shape)} per "
+                            "image; expected one vector of class scores")
+    return shape[0]
+
+
+def _prepared_data(options: EmbedOptions, spec: InputSpec, graph: ModelGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Load the data set and convert it to model inputs (layout, size, channels, value range)."""
+    dataset = load_dataset(options.data)
+    if dataset.labels is None:
+        raise OnnxmarkError(f"The data set {dataset.name} has no labels; embed needs labelled images")
+    classes = _class_count(graph)
+    if dataset.labels.max() >= classes or dataset.labels.min() < 0:
+        raise OnnxmarkError(f"The data set {dataset.name} has labels {int(dataset.labels.min())} to "
+                            f"{int(dataset.labels.max())}, but the model has {classes} classes")
+    if len(dataset.labels) <= options.held_out:
+        raise OnnxmarkError(f"The data set {dataset.name} has {len(dataset.labels)} images; it needs more "
+                            f"than the {options.held_out} held out for measuring accuracy (see --held-out)")
+    pixels = adapt_images(dataset.images, spec)
+    inputs = to_layout(options.preprocessing.to_model(pixels), spec).astype(np.float32)
+    return inputs, dataset.labels.astype(np.int64)
+
+
+def _is_trained(mode: str, accuracy_before: float, classes: int) -> bool:
+    if mode == "auto":
+        return accuracy_before >= UNTRAINED_CHANCE_FACTOR / classes
+    return mode == "trained"
+
+
+def _secrets(options: EmbedOptions, spec: InputSpec) -> np.ndarray:
+    if options.secret_images:
+        images = [load_secret_image(p, spec.channels, spec.height, spec.width) for p in options.secret_images]
+    else:
+        texts = options.secret_texts or default_texts(options.key_count, options.seed)
+        images = [render_text(t, spec.channels, spec.height, spec.width) for t in texts]
+    return np.stack(images).astype(np.float32)

@@ -1,0 +1,178 @@
+"""Watermark hardening and constraint training on the shared parameter store."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onnxmark.data import InputSpec, Preprocessing
+from onnxmark.executors import ForwardExecutor, ParameterStore, TransposedExecutor
+from onnxmark.graph import ModelGraph
+from onnxmark.plan import Plan
+from onnxmark.ssim_torch import ssim_torch
+
+log = logging.getLogger(__name__)
+
+# How many main-task steps pass between two measurements of the watermark's SSIM in constraint training.
+SSIM_CHECK_INTERVAL = 10
+# Bounds of the number of transposed steps per main step that the schedule may choose.
+MIN_WATERMARK_RATIO = 1 / 16
+MAX_WATERMARK_RATIO = 4.0
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of hardening and constraint training."""
+
+    ssim_target: float = 0.95
+    max_hardening_steps: int = 2000
+    epochs: int = 5
+    batch_size: int = 64
+    main_lr: float = 1e-3
+    transposed_lr: float = 1e-3
+    freeze_batch_norm: bool = False     # trained models keep their batch-norm statistics
+    dropout: float = 0.1
+    max_watermark_ratio: float = MAX_WATERMARK_RATIO
+
+
+def _silent(phase: str, done: int, total: int, stats: dict) -> None:
+    pass
+
+
+class Watermarker:
+    """Trains one model's forward and transposed executors on a shared parameter store."""
+
+    def __init__(self, graph: ModelGraph, plan: Plan, spec: InputSpec, preprocessing: Preprocessing,
+                 keys: np.ndarray, secrets: np.ndarray, config: TrainingConfig):
+        self.graph = graph
+        self.config = config
+        self.spec = spec
+        self.store = ParameterStore(graph)
+        self.forward = ForwardExecutor(graph, self.store)
+        self.transposed = TransposedExecutor(graph, self.store, plan, dropout=config.dropout)
+        self.keys = torch.from_numpy(np.asarray(keys, dtype=np.float32))
+        self.secrets = torch.from_numpy(np.asarray(secrets, dtype=np.float32))
+        self._pixel_scale, self._pixel_offset = _pixel_affine(preprocessing, spec.channels)
+        self.watermark_optimizer = torch.optim.Adam(self.store.trainable(), lr=config.transposed_lr)
+        self.main_optimizer = torch.optim.Adam(self.store.trainable(), lr=config.main_lr)
+
+    # ----- watermark -----
+
+    def extracted_pixels(self, training: bool) -> torch.Tensor:
+        """Run the transposed model on the keys; return NCHW images in pixel space (not clipped)."""
+        values = self.transposed(self.keys, training=training)
+        return nchw_from_layout(values, self.spec) * self._pixel_scale + self._pixel_offset
+
+    def watermark_loss(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.extracted_pixels(training)
+        ssim = ssim_torch(images, self.secrets)
+        loss = (1.0 - ssim).mean() + F.mse_loss(images, self.secrets)
+        return loss, ssim
+
+    def measure_ssim(self) -> np.ndarray:
+        """SSIM per key without dropout, on images clipped to [0, 1] as the verifier shows them."""
+        with torch.no_grad():
+            images = self.extracted_pixels(training=False).clamp(0.0, 1.0)
+            return ssim_torch(images, self.secrets).numpy()
+
+    def watermark_step(self) -> float:
+        self.watermark_optimizer.zero_grad()
+        loss, ssim = self.watermark_loss(training=True)
+        loss.backward()
+        self.watermark_optimizer.step()
+        return float(ssim.detach().mean())
+
+    def harden(self, progress: Progress = _silent) -> int:
+        """Train only the transposed model until mean SSIM reaches the target or the step limit; return steps."""
+        limit = self.config.max_hardening_steps
+        for step in range(1, limit + 1):
+            self.watermark_step()
+            if step % SSIM_CHECK_INTERVAL == 0 or step == limit:
+                ssim = float(self.measure_ssim().mean())
+                progress("hardening", step, limit, {"ssim": ssim})
+                if ssim >= self.config.ssim_target:
+                    return step
+        return limit
+
+    # ----- main task -----
+
+    def main_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        self.main_optimizer.zero_grad()
+        logits = self.forward(inputs, batch_norm_training=not self.config.freeze_batch_norm)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        self.main_optimizer.step()
+        return float((logits.argmax(dim=1) == labels).float().mean())
+
+    def constraint_train(self, inputs: np.ndarray, labels: np.ndarray, seed: int, watermark: bool = True,
+                         progress: Progress = _silent) -> dict:
+        """Alternate main-task steps with transposed steps for the configured number of epochs.
+
+        The number of transposed steps per main step follows the measured SSIM: it grows while the SSIM is
+        under the target and shrinks while it is well above, between MIN_ and MAX_WATERMARK_RATIO.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.from_numpy(np.asarray(inputs, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        batches = math.ceil(len(x) / self.config.batch_size)
+        total = batches * self.config.epochs
+        ratio, owed, done, watermark_steps = 1.0, 0.0, 0, 0
+        ssim, train_accuracy = float("nan"), float("nan")
+
+        for _ in range(self.config.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), self.config.batch_size):
+                index = order[start:start + self.config.batch_size]
+                accuracy = self.main_step(x[index], y[index])
+                train_accuracy = accuracy if math.isnan(train_accuracy) else 0.9 * train_accuracy + 0.1 * accuracy
+                done += 1
+
+                if watermark:
+                    owed += ratio
+                    while owed >= 1.0:
+                        self.watermark_step()
+                        owed -= 1.0
+                        watermark_steps += 1
+                    if done % SSIM_CHECK_INTERVAL == 0 or done == total:
+                        ssim = float(self.measure_ssim().mean())
+                        ratio = _next_ratio(ratio, ssim, self.config.ssim_target, self.config.max_watermark_ratio)
+                progress("training", done, total, {"ssim": ssim, "accuracy": train_accuracy})
+
+        return {"main_steps": done, "watermark_steps": watermark_steps}
+
+    def trained_values(self) -> dict[str, np.ndarray]:
+        return self.store.snapshot()
+
+
+def _next_ratio(ratio: float, ssim: float, target: float, maximum: float) -> float:
+    if ssim < target:
+        return min(ratio * 1.5, maximum)
+    if ssim > target + 0.02:
+        return max(ratio * 0.8, MIN_WATERMARK_RATIO)
+    return ratio
+
+
+def _pixel_affine(preprocessing: Preprocessing, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset (per channel, NCHW-broadcastable) that map model values back to pixels."""
+    ones = np.ones((1, channels, 1, 1), dtype=np.float32)
+    scale = np.asarray(preprocessing.to_pixels(ones), dtype=np.float32)
+    offset = np.asarray(preprocessing.to_pixels(np.zeros_like(ones)), dtype=np.float32)
+    return torch.from_numpy(scale - offset), torch.from_numpy(offset)
+
+
+def nchw_from_layout(values: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Torch counterpart of onnxmark.data.from_layout: model layout to [N, C, H, W]."""
+    if spec.layout == "NCHW":
+        return values
+    if spec.layout == "NHWC":
+        return values.permute(0, 3, 1, 2)
+    if spec.layout == "NHW":
+        return values.unsqueeze(1)
+    return values.reshape(values.shape[0], spec.channels, spec.height, spec.width)
