@@ -63,6 +63,7 @@ class GraphRunner:
         self.graph = graph
         self.store = store
         self.batch_norm_training = False
+        self.batch_norm_momentum: float | None = None   # overrides the nodes' momentum when set
         self._fallback_modules: dict[str, tuple] = {}
 
     def run(self, targets: list[str], feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -201,6 +202,8 @@ def _gemm(runner, node, inputs):
 def _batch_norm(runner, node, inputs):
     x, scale, bias, mean, var = inputs[:5]
     momentum = 1.0 - node.attrs.get("momentum", 0.9)   # ONNX keeps `momentum` of the old value
+    if runner.batch_norm_momentum is not None:
+        momentum = runner.batch_norm_momentum
     return F.batch_norm(x, mean, var, scale, bias, training=runner.batch_norm_training, momentum=momentum,
                         eps=node.attrs.get("epsilon", 1e-5))
 

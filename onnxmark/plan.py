@@ -84,10 +84,14 @@ def build_plan(graph: ModelGraph, strict: bool = True) -> Plan:
     plan = Plan(steps, issues)
     if strict and issues:
         raise OnnxmarkError(unsupported_message(graph, issues))
-    if not plan.layer_indices and strict:
+    return plan
+
+
+def require_layers(plan: Plan, graph: ModelGraph) -> None:
+    """Raise OnnxmarkError when the plan has no layer with weights that a watermark could live in."""
+    if not plan.layer_indices:
         raise OnnxmarkError(f"{graph.path}: no Conv, Gemm or MatMul layer with weights lies between the input "
                             "and the logits, so there is nothing to watermark")
-    return plan
 
 
 def unsupported_message(graph: ModelGraph, issues: list[PlanIssue]) -> str:

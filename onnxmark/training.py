@@ -73,8 +73,15 @@ class Watermarker:
     def watermark_loss(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.extracted_pixels(training)
         ssim = ssim_torch(images, self.secrets)
-        loss = (1.0 - ssim).mean() + F.mse_loss(images, self.secrets)
-        return loss, ssim
+        mse = F.mse_loss(images, self.secrets)
+        if float(mse.detach()) <= 1.0:
+            return (1.0 - ssim).mean() + mse, ssim
+
+        # A trained model's transposed output can start hundreds of times outside [0, 1], and a full MSE on
+        # it kills every ReLU of the transposed model at once. Until the output is in range, the MSE term is
+        # scaled to the size of the current mean SSIM, so it joins as the picture appears.
+        weight = ssim.detach().mean().clamp(0.0, 1.0)
+        return (1.0 - ssim).mean() + weight * mse / mse.detach(), ssim
 
     def measure_ssim(self) -> np.ndarray:
         """SSIM per key without dropout, on images clipped to [0, 1] as the verifier shows them."""
@@ -146,6 +153,32 @@ class Watermarker:
                 progress("training", done, total, {"ssim": ssim, "accuracy": train_accuracy})
 
         return {"main_steps": done, "watermark_steps": watermark_steps}
+
+    def recalibrate_batch_norm(self, inputs: np.ndarray) -> None:
+        """Re-estimate batch-norm running statistics on training inputs, with every weight unchanged.
+
+        Constraint training moves the weights under frozen statistics; fresh statistics make the forward
+        model consistent again. The transposed model does not read them, so the watermark is unchanged.
+        """
+        names = [(node.inputs[3], node.inputs[4]) for node in self.graph.nodes if node.op_type == "BatchNormalization"]
+        if not names:
+            return
+        sums = {name: 0.0 for pair in names for name in pair}
+        batches = 0
+        x = torch.from_numpy(np.asarray(inputs, dtype=np.float32))
+        with torch.no_grad():
+            for start in range(0, len(x), self.config.batch_size):
+                snapshot = {name: self.store.tensors[name].clone() for name in sums}
+                # momentum 1.0 makes each batch norm store exactly this batch's statistics.
+                self.forward.runner.batch_norm_momentum = 1.0
+                self.forward(x[start:start + self.config.batch_size], batch_norm_training=True)
+                for name in sums:
+                    sums[name] = sums[name] + self.store.tensors[name].clone()
+                    self.store.tensors[name].copy_(snapshot[name])
+                batches += 1
+            self.forward.runner.batch_norm_momentum = None
+            for name, total in sums.items():
+                self.store.tensors[name].copy_(total / batches)
 
     def trained_values(self) -> dict[str, np.ndarray]:
         return self.store.snapshot()
