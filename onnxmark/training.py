@@ -23,6 +23,8 @@ SSIM_CHECK_INTERVAL = 10
 # Bounds of the number of transposed steps per main step that the schedule may choose.
 MIN_WATERMARK_RATIO = 1 / 16
 MAX_WATERMARK_RATIO = 4.0
+# Number of training images on which the schedule measures accuracy when it guards a trained model.
+MONITOR_SIZE = 512
 
 Progress = Callable[[str, int, int, dict], None]
 
@@ -40,6 +42,9 @@ class TrainingConfig:
     freeze_batch_norm: bool = False     # trained models keep their batch-norm statistics
     dropout: float = 0.1
     max_watermark_ratio: float = MAX_WATERMARK_RATIO
+    # When set, the schedule also watches accuracy on a fixed subset of the training data and halves the
+    # watermark's share whenever it falls this far (fraction) below the accuracy measured before training.
+    accuracy_tolerance: float | None = None
 
 
 def _silent(phase: str, done: int, total: int, stats: dict) -> None:
@@ -132,6 +137,8 @@ class Watermarker:
         total = batches * self.config.epochs
         ratio, owed, done, watermark_steps = 1.0, 0.0, 0, 0
         ssim, train_accuracy = float("nan"), float("nan")
+        monitor = x[:MONITOR_SIZE], y[:MONITOR_SIZE]
+        reference_accuracy = self.accuracy_on(*monitor) if self.config.accuracy_tolerance is not None else None
 
         for _ in range(self.config.epochs):
             order = torch.randperm(len(x), generator=generator)
@@ -149,10 +156,19 @@ class Watermarker:
                         watermark_steps += 1
                     if done % SSIM_CHECK_INTERVAL == 0 or done == total:
                         ssim = float(self.measure_ssim().mean())
-                        ratio = _next_ratio(ratio, ssim, self.config.ssim_target, self.config.max_watermark_ratio)
+                        if reference_accuracy is not None and \
+                                self.accuracy_on(*monitor) < reference_accuracy - self.config.accuracy_tolerance:
+                            ratio = max(ratio * 0.5, MIN_WATERMARK_RATIO)
+                        else:
+                            ratio = _next_ratio(ratio, ssim, self.config.ssim_target, self.config.max_watermark_ratio)
                 progress("training", done, total, {"ssim": ssim, "accuracy": train_accuracy})
 
         return {"main_steps": done, "watermark_steps": watermark_steps}
+
+    def accuracy_on(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = self.forward(inputs, batch_norm_training=False)
+        return float((logits.argmax(dim=1) == labels).float().mean())
 
     def recalibrate_batch_norm(self, inputs: np.ndarray) -> None:
         """Re-estimate batch-norm running statistics on training inputs, with every weight unchanged.
