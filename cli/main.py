@@ -169,8 +169,6 @@ def extract(suspect, key_path, output_dir, force, as_json):
 
     key = load_key(key_path)
     with OutputTransaction(force=force) as transaction:
-        transaction.check(output_dir / "sheet.png")
-        transaction.check(output_dir / "scores.json")
         extraction = extract_images(suspect, key)
         summary = write_evidence(extraction, output_dir, transaction)
 

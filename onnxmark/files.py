@@ -113,7 +113,13 @@ class OutputTransaction:
         check_writable(path, self.force)
 
     def write_bytes(self, path: PathLike, data: bytes, private: bool = False) -> None:
-        """Write `data` to a temporary file that replaces `path` on commit."""
+        """Write `data` to a temporary file that replaces `path` on commit.
+
+        A file that already holds exactly `data` is left as it is, even without `force`, because
+        writing it would change nothing: rerunning an extraction into the same folder succeeds.
+        """
+        if _holds_exactly(Path(path), data):
+            return
         output = self._add_output(path, private, written_by_caller=False)
 
         try:
@@ -212,6 +218,14 @@ class OutputTransaction:
     def _raise_if_finished(self) -> None:
         if self._finished:
             raise RuntimeError("This OutputTransaction has already finished; start a new one")
+
+
+def _holds_exactly(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) \
+            and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _check_folder_writable(folder: Path) -> None:

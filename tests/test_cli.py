@@ -222,3 +222,18 @@ def test_inspect_json_lists_plan():
     assert [step["op"] for step in report["plan"]][:2] == ["Gemm", "Relu"]
     assert report["plan"][-1]["input_shape"] == [1, 28, 28]
     assert report["unsupported"] == []
+
+
+def test_extract_rerun_into_same_folder(embedded, tmp_path):
+    """Rerunning the same extraction changes nothing; another suspect into that folder needs --force."""
+    _, summary = embedded
+    folder = tmp_path / "evidence"
+    onnxmark("extract", summary["model"], "--key", summary["key"], "-o", folder)
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+
+    onnxmark("extract", summary["model"], "--key", summary["key"], "-o", folder)
+    other = onnxmark("extract", FIXTURE_MODEL, "--key", summary["key"], "-o", folder, check=False)
+
+    assert other.returncode == 2
+    assert "--force" in other.stderr
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before

@@ -293,3 +293,26 @@ def test_transaction_cannot_be_reused(tmp_path):
             pass
 
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_identical_existing_file_needs_no_force(tmp_path):
+    target = tmp_path / "scores.json"
+    target.write_bytes(b"same")
+    before = target.stat().st_mtime_ns
+
+    with OutputTransaction(force=False) as transaction:
+        transaction.write_bytes(target, b"same")
+
+    assert target.read_bytes() == b"same"
+    assert target.stat().st_mtime_ns == before
+
+
+def test_different_existing_file_still_needs_force(tmp_path):
+    target = tmp_path / "scores.json"
+    target.write_bytes(b"old")
+
+    with pytest.raises(OnnxmarkError):
+        with OutputTransaction(force=False) as transaction:
+            transaction.write_bytes(target, b"new")
+
+    assert target.read_bytes() == b"old"
