@@ -39,7 +39,7 @@ class TrainingConfig:
     batch_size: int = 64
     main_lr: float = 1e-3
     transposed_lr: float = 1e-3
-    freeze_batch_norm: bool = False     # trained models keep their batch-norm statistics
+    freeze_batch_norm: bool = False     # when set, batch norms use and keep their running statistics
     dropout: float = 0.1
     max_watermark_ratio: float = MAX_WATERMARK_RATIO
     # When set, the schedule also watches accuracy on a fixed subset of the training data and halves the
