@@ -83,12 +83,12 @@ class GraphRunner:
         return self.store.tensors[name]
 
     def _needed_nodes(self, targets: list[str], known: set[str]) -> list[Node]:
-        wanted = {t for t in targets if t not in known and t not in self.store.tensors}
+        missing = {t for t in targets if t not in known and t not in self.store.tensors}
         needed = []
         for node in reversed(self.graph.nodes):
-            if any(out in wanted for out in node.outputs):
+            if any(out in missing for out in node.outputs):
                 needed.append(node)
-                wanted.update(n for n in node.inputs if n and n not in known and n not in self.store.tensors)
+                missing.update(n for n in node.inputs if n and n not in known and n not in self.store.tensors)
         return list(reversed(needed))
 
     def _run_node(self, node: Node, inputs: list) -> list:

@@ -101,7 +101,8 @@ def test_key_is_private_and_records_model_hash(embedded):
     import hashlib
     assert key.model_sha256 == hashlib.sha256(Path(summary["model"]).read_bytes()).hexdigest()
     assert key.keys.shape == (11, 10)
-    assert key.keys.min() >= -10 and key.keys.max() <= 10
+    assert key.keys.min() >= -10
+    assert key.keys.max() <= 10
 
 
 def test_embed_does_not_overwrite_without_force(embedded):
