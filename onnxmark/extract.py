@@ -86,7 +86,7 @@ def write_evidence(extraction: Extraction, folder: Path, transaction: OutputTran
 
 
 def sheet_png(extraction: Extraction) -> bytes:
-    """A sheet with one row per key: secret | extracted, captioned with SSIM and MSE."""
+    """Draw a PNG sheet with one row per key (secret, then extracted image) captioned with SSIM and MSE."""
     _, channels, height, width = extraction.secrets.shape
     zoom = max(1, -(-SHEET_CELL_PIXELS // height))
     cell_w, cell_h = width * zoom, height * zoom

@@ -115,7 +115,7 @@ class OutputTransaction:
     def write_bytes(self, path: PathLike, data: bytes, private: bool = False) -> None:
         """Write `data` to a temporary file that replaces `path` on commit.
 
-        A file that already holds exactly `data` is left as it is, even without `force`, because
+        A file that already contains exactly `data` is left as it is, even without `force`, because
         writing it would change nothing: rerunning an extraction into the same folder succeeds.
         """
         if _holds_exactly(Path(path), data):

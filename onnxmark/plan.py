@@ -47,7 +47,7 @@ class Plan:
         return [step.signature(graph) for step in self.steps]
 
     def as_networkx(self) -> nx.DiGraph:
-        """The plan as a chain graph: one node per step, edges in execution order."""
+        """Return the plan as a chain graph with one node per step and edges in execution order."""
         chain = nx.DiGraph()
         for i, step in enumerate(self.steps):
             chain.add_node(i, op_type=step.node.op_type, forward_node=step.node.name, is_layer=step.is_layer)

@@ -43,8 +43,8 @@ def test_short_embed_changes_only_initializer_values(tmp_path, name):
 
 
 # NOTE: these two models do not reach the SSIM bar yet. CNTK's transposed model collapses to one flat
-# image (its ReLUs die) and the 0..255 MLP would need weights hundreds of times larger than the forward
-# model tolerates; both stay at mean SSIM under 0.1 while keeping accuracy.
+# image because its ReLUs die. The 0..255 MLP would need weights hundreds of times larger than the forward
+# model tolerates. Both stay at mean SSIM under 0.1 while keeping accuracy.
 NOT_YET_WATERMARKED = {"cntk_mnist_opset7.onnx", "pytorch1.11_mnist_mlp_softmax.onnx"}
 
 

@@ -162,7 +162,7 @@ def test_max_pool_upsamples_to_pooled_input_size(tmp_path):
 
 
 def unsupported_model(tmp_path):
-    """A model whose activation path holds two nodes without rules (Einsum and HardSwish)."""
+    """A model whose activation path contains two nodes without rules (Einsum and HardSwish)."""
     weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     nodes = [
         helper.make_node("Einsum", ["x", "w"], ["a"], name="mix", equation="ij,jk->ik"),

@@ -14,8 +14,8 @@ class Unsupported(Exception):
 class Step:
     """One layer of the transposed model.
 
-    `input_shape` is the forward node's activation input (the shape this step produces) and
-    `output_shape` the forward node's output (the shape this step consumes); both exclude the batch.
+    `input_shape` is the shape of the forward node's activation input, which this step produces.
+    `output_shape` is the shape of the forward node's output, which this step consumes. Both exclude the batch.
     `weights` are the names of the constant tensors the step reads, shared with the forward model.
     """
 
