@@ -16,6 +16,7 @@ from onnxmark.errors import OnnxmarkError
 from onnxmark.evaluate import accuracy
 from onnxmark.extract import extract, write_evidence
 from onnxmark.files import OutputTransaction
+from onnxmark.frozen import record_frozen
 from onnxmark.graph import ModelGraph, import_graph, load_onnx
 from onnxmark.keyfile import Key, sha256_bytes
 from onnxmark.plan import build_plan, require_layers
@@ -94,6 +95,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         secrets = _secrets(options, spec)
         keys = np.random.default_rng(options.seed).uniform(KEY_LOW, KEY_HIGH, (len(secrets), _class_count(graph)))
         config = _training_config(options, trained)
+        plan.frozen_values = record_frozen(plan, graph, inputs[train])
         watermarker = Watermarker(graph, plan, spec, options.preprocessing, keys.astype(np.float32), secrets, config)
 
         hardening_steps = 0 if trained else watermarker.harden(progress)
@@ -107,6 +109,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
 
         key = Key(keys=keys.astype(np.float32), secrets=secrets, input_spec=spec,
                   preprocessing=options.preprocessing, signature=plan.signature(graph),
+                  frozen=plan.frozen_values,
                   model_sha256=sha256_bytes(model_bytes), model_file=paths["model"].name,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   onnxmark_version=__version__)
@@ -150,6 +153,7 @@ def train_without_watermark(model_path: str | Path, options: EmbedOptions) -> tu
     spec = InputSpec.from_dims(graph.input_dims)
     inputs, labels = _prepared_data(options, spec, graph)
     train, held = split_held_out(len(inputs), options.held_out, options.seed)
+    plan.frozen_values = record_frozen(plan, graph, inputs[train])
     config = _training_config(options, trained=False)
     classes = _class_count(graph)
     watermarker = Watermarker(graph, plan, spec, options.preprocessing, np.zeros((1, classes), np.float32),

@@ -141,24 +141,39 @@ class ForwardExecutor:
 
 
 class TransposedExecutor:
-    """The transposed model in torch: key vectors to images in the model's input layout."""
+    """The transposed model in torch: key vectors to images in the model's input layout.
 
-    def __init__(self, graph: ModelGraph, store: ParameterStore, plan: Plan, dropout: float = TRANSPOSED_DROPOUT):
+    `frozen` maps forward tensor names to the plan's frozen tensors (shape without the batch). The plan's
+    own `frozen_values` are the default.
+    """
+
+    def __init__(self, graph: ModelGraph, store: ParameterStore, plan: Plan,
+                 frozen: dict[str, np.ndarray] | None = None, dropout: float = TRANSPOSED_DROPOUT):
         self.graph = graph
         self.plan = plan
         self.runner = GraphRunner(graph, store)
         self.dropout = dropout
         layers = plan.layer_indices
         self.dropout_after = set(layers[:-1])
+        frozen = plan.frozen_values if frozen is None else frozen
+        missing = [name for name in plan.frozen_names() if name not in frozen]
+        if missing:
+            raise OnnxmarkError(f"Missing frozen value for the branch(es) {', '.join(missing)}")
+        self.frozen = {name: torch.from_numpy(np.asarray(frozen[name], dtype=np.float32))[None]
+                       for name in plan.frozen_names()}
 
     def __call__(self, keys: torch.Tensor, training: bool = False) -> torch.Tensor:
         weights = self.runner.run(self.plan.weight_names(), {})
-        y = keys
+        weights.update(self.frozen)
+        values = {self.plan.logits_name: keys.reshape(len(keys), *self.plan.steps[0].output_shape)}
         for index, step in enumerate(self.plan.steps):
-            y = step.run_torch(y, weights)
-            if training and index in self.dropout_after and self.dropout > 0:
-                y = F.dropout(y, self.dropout, training=True)
-        return y
+            produced = step.run_torch(values.pop(step.target), weights)
+            produced = produced if isinstance(produced, tuple) else (produced,)
+            for source, x in zip(step.sources, produced):
+                if training and index in self.dropout_after and self.dropout > 0:
+                    x = F.dropout(x, self.dropout, training=True)
+                values[source] = values[source] + x if source in values else x
+        return values[self.plan.input_name]
 
 
 # ----- operator implementations: (runner, node, inputs) -> output or tuple of outputs -----

@@ -57,6 +57,7 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None)
     graph = import_graph(suspect, model)
     plan = build_plan(graph)
     check_signature(key.signature, plan.signature(graph), str(suspect))
+    plan.frozen_values = key.frozen
 
     transposed = build_transposed_model(plan, graph)
     values = run_transposed(transposed, key.keys)

@@ -28,10 +28,19 @@ class PlanIssue:
 
 @dataclass
 class Plan:
-    """Transposed steps in execution order: the first step consumes the logits."""
+    """Transposed steps in execution order, from the logits back to the input.
+
+    The steps form a graph of their own: each step consumes the transposed value of its `target` tensor
+    and adds its results into the values of its `sources`. Where a forward tensor feeds several nodes,
+    the transposed contributions are summed. Where a forward node has several activation inputs, the
+    rule follows one and reads the others as frozen tensors.
+    """
 
     steps: list[Step]
+    logits_name: str
+    input_name: str
     issues: list[PlanIssue] = field(default_factory=list)
+    frozen_values: dict = field(default_factory=dict)   # frozen tensor name -> recorded mean (from the key)
 
     @property
     def layer_indices(self) -> list[int]:
@@ -43,45 +52,64 @@ class Plan:
             names.extend(name for name in step.weights if name not in names)
         return names
 
+    def frozen_names(self) -> list[str]:
+        names: list[str] = []
+        for step in self.steps:
+            names.extend(name for name in step.frozen if name not in names)
+        return names
+
     def signature(self, graph: ModelGraph) -> list[dict]:
         return [step.signature(graph) for step in self.steps]
 
     def as_networkx(self) -> nx.DiGraph:
-        """Return the plan as a chain graph with one node per step and edges in execution order."""
-        chain = nx.DiGraph()
+        """Return the plan as a graph with one node per step and an edge wherever one step feeds another."""
+        steps = nx.DiGraph()
+        consumer_of = {step.target: i for i, step in enumerate(self.steps)}
         for i, step in enumerate(self.steps):
-            chain.add_node(i, op_type=step.node.op_type, forward_node=step.node.name, is_layer=step.is_layer)
-            if i:
-                chain.add_edge(i - 1, i)
-        return chain
+            steps.add_node(i, op_type=step.node.op_type, forward_node=step.node.name, is_layer=step.is_layer,
+                           frozen=list(step.frozen))
+        for i, step in enumerate(self.steps):
+            for source in step.sources:
+                if source in consumer_of:
+                    steps.add_edge(i, consumer_of[source], tensor=source)
+        return steps
 
 
 def build_plan(graph: ModelGraph, strict: bool = True) -> Plan:
-    """Walk from the logits back to the input and plan a transposed step for every node on the way.
+    """Plan a transposed step for every node between the logits and the input, visiting nodes in reverse order.
 
     With `strict`, any node without a usable rule raises one OnnxmarkError that lists all of them.
+    Without it, the walk goes on through every activation input of such a node, so that one run finds
+    every node that has no rule.
     """
     steps: list[Step] = []
     issues: list[PlanIssue] = []
-    tensor = graph.logits_name
-    visited = set()
+    reached = {graph.logits_name}
 
-    while tensor != graph.input_name:
-        node = graph.producer(tensor)
-        if node is None or tensor in visited:
-            raise OnnxmarkError(f"{graph.path}: tensor '{tensor}' is not connected to the input "
-                                f"'{graph.input_name}'")
-        visited.add(tensor)
+    for node in reversed(graph.nodes):
+        targets = [name for name in node.outputs if name in reached]
+        if not targets:
+            continue
+        if len(targets) > 1:
+            issues.append(PlanIssue(node, graph.opset, "more than one of its outputs leads to the logits"))
+            reached.update(_activation_inputs(node, graph))
+            continue
 
         step, reason = _plan_node(node, graph)
-        if step is not None:
-            steps.append(step)
-        else:
+        if step is None:
             issues.append(PlanIssue(node, graph.opset, reason))
+            reached.update(_activation_inputs(node, graph))
+            continue
+        step.target = targets[0]
+        if not step.sources:
+            step.sources = tuple(name for name in _activation_inputs(node, graph) if name not in step.frozen)
+        steps.append(step)
+        reached.update(step.sources)
 
-        tensor = _next_activation(node, graph)
-
-    plan = Plan(steps, issues)
+    if graph.input_name not in reached:
+        raise OnnxmarkError(f"{graph.path}: the logits '{graph.logits_name}' are not connected to the input "
+                            f"'{graph.input_name}'")
+    plan = Plan(steps, graph.logits_name, graph.input_name, issues)
     if strict and issues:
         raise OnnxmarkError(unsupported_message(graph, issues))
     return plan
@@ -111,11 +139,8 @@ def _plan_node(node: Node, graph: ModelGraph) -> tuple[Step | None, str]:
         return None, str(reason)
 
 
-def _next_activation(node: Node, graph: ModelGraph) -> str:
-    data_inputs = [name for name in node.inputs if name and graph.is_data(name)]
-    if not data_inputs:
-        raise OnnxmarkError(f"{graph.path}: {node.describe(graph.opset)} has no activation input")
-    return data_inputs[0]
+def _activation_inputs(node: Node, graph: ModelGraph) -> list[str]:
+    return [name for name in node.inputs if name and graph.is_data(name)]
 
 
 def check_signature(expected: list[dict], actual: list[dict], suspect: str) -> None:

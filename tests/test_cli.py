@@ -182,7 +182,7 @@ def test_unsupported_operator_names_all_nodes(tmp_path, command):
     assert result.returncode == 2
     output = result.stderr + result.stdout
     assert "node 'mix' (op Einsum, opset 17)" in output
-    assert "node 'swish' (op HardSwish, opset 17)" in output
+    assert "node 'winner' (op Hardmax, opset 17)" in output
     assert not (tmp_path / "out").exists()
 
 

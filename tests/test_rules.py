@@ -162,11 +162,11 @@ def test_max_pool_upsamples_to_pooled_input_size(tmp_path):
 
 
 def unsupported_model(tmp_path):
-    """A model whose activation path contains two nodes without rules (Einsum and HardSwish)."""
+    """A model whose activation path contains two nodes without rules (Einsum and Hardmax)."""
     weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     nodes = [
         helper.make_node("Einsum", ["x", "w"], ["a"], name="mix", equation="ij,jk->ik"),
-        helper.make_node("HardSwish", ["a"], ["b"], name="swish"),
+        helper.make_node("Hardmax", ["a"], ["b"], name="winner"),
         helper.make_node("Gemm", ["b", "w"], ["y"], name="head"),
     ]
     graph = helper.make_graph(nodes, "unsupported", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -184,5 +184,5 @@ def test_plan_lists_every_unsupported_node(tmp_path):
 
     message = str(raised.value)
     assert "node 'mix' (op Einsum, opset 17)" in message
-    assert "node 'swish' (op HardSwish, opset 17)" in message
+    assert "node 'winner' (op Hardmax, opset 17)" in message
     assert "Supported op types:" in message

@@ -1,8 +1,12 @@
-"""Add, Sub, Mul and Div with one constant operand (biases, input scaling): inverted exactly."""
+"""Add, Sub, Mul and Div with one constant operand (biases, input scaling): inverted exactly.
+
+With two activation operands, the rule in branch.py freezes one of them.
+"""
 from __future__ import annotations
 
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.rules.base import Step, Unsupported, activation_input
+from onnxmark.rules.branch import plan_frozen_operand
 from onnxmark.rules.registry import register
 
 # (op type, activation is the first operand) -> inverse op and whether the constant comes first in it.
@@ -39,6 +43,8 @@ class ConstantOperandStep(Step):
 
 @register("Add", "Sub", "Mul", "Div")
 def plan_constant_operand(node: Node, graph: ModelGraph) -> Step:
+    if sum(1 for name in node.inputs if name and graph.is_data(name)) == 2:
+        return plan_frozen_operand(node, graph)
     source = activation_input(node, graph)
     activation_first = node.inputs[0] == source
     key = (node.op_type, activation_first)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.rules.base import Step, Unsupported, activation_input
+from onnxmark.rules.branch import plan_frozen_operand
 from onnxmark.rules.registry import register
 
 
@@ -53,6 +54,8 @@ def plan_gemm(node: Node, graph: ModelGraph) -> Step:
 
 @register("MatMul")
 def plan_matmul(node: Node, graph: ModelGraph) -> Step:
+    if sum(1 for name in node.inputs if name and graph.is_data(name)) == 2:
+        return plan_frozen_operand(node, graph)   # attention: one operand frozen
     source = activation_input(node, graph)
     if node.inputs[0] != source:
         raise Unsupported("its activation is the second operand; only activation @ weight is supported")
