@@ -18,7 +18,10 @@ def inspect_model(path: str | Path) -> dict:
         if not any(graph.is_data(out) for out in node.outputs):
             continue
         if node.name in planned:
-            status = "transposed" + (" (layer)" if planned[node.name].is_layer else "")
+            step = planned[node.name]
+            status = "transposed" + (" (layer)" if step.is_layer else "")
+            if step.frozen:
+                status += f", frozen branch {', '.join(step.frozen)}"
         elif node.name in problems:
             status = f"NO RULE: {problems[node.name]}"
         elif graph.logits_name in node.inputs:
@@ -35,5 +38,7 @@ def inspect_model(path: str | Path) -> dict:
         "logits": graph.logits_name,
         "nodes": nodes,
         "plan": plan.signature(graph),
+        "frozen": [{"node": step.node.name, "tensor": name, "shape": list(graph.shapes[name])}
+                   for step in plan.steps for name in step.frozen],
         "unsupported": [issue.message() for issue in plan.issues],
     }

@@ -210,3 +210,13 @@ def test_missing_frozen_value_is_reported(tmp_path):
 
     with pytest.raises(OnnxmarkError, match="frozen value"):
         build_transposed_model(plan, graph)
+
+
+def test_inspect_lists_frozen_branches(tmp_path):
+    from onnxmark.inspect import inspect_model
+
+    report = inspect_model(residual_model(tmp_path))
+
+    assert report["frozen"] == [{"node": "residual", "tensor": "s", "shape": [4, 6, 6]}]
+    statuses = {entry["name"]: entry["status"] for entry in report["nodes"]}
+    assert statuses["residual"] == "transposed, frozen branch s"
