@@ -65,6 +65,7 @@ class ModelGraph:
     values: dict[str, np.ndarray] = field(default_factory=dict)       # tensors that do not depend on the input
     data_tensors: set[str] = field(default_factory=set)               # tensors that carry activations
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    transposable: set[str] | None = None   # tensors the plan can reach from the input; set by build_plan
 
     def producer(self, tensor: str) -> Node | None:
         return self._producers.get(tensor)

@@ -82,6 +82,7 @@ def build_plan(graph: ModelGraph, strict: bool = True) -> Plan:
     Without it, the walk goes on through every activation input of such a node, so that one run finds
     every node that has no rule.
     """
+    graph.transposable = _transposable_tensors(graph)
     steps: list[Step] = []
     issues: list[PlanIssue] = []
     reached = {graph.logits_name}
@@ -137,6 +138,25 @@ def _plan_node(node: Node, graph: ModelGraph) -> tuple[Step | None, str]:
         return rule(node, graph), ""
     except Unsupported as reason:
         return None, str(reason)
+
+
+def _transposable_tensors(graph: ModelGraph) -> set[str]:
+    """Return the tensors whose every transposed source leads back to the input through planned steps.
+
+    Branch rules read this set so that they follow an operand the plan can transpose and freeze the other.
+    """
+    graph.transposable = transposable = {graph.input_name}
+    for node in graph.nodes:
+        data_inputs = _activation_inputs(node, graph)
+        if not any(name in transposable for name in data_inputs):
+            continue
+        step, _ = _plan_node(node, graph)
+        if step is None:
+            continue
+        sources = step.sources or [name for name in data_inputs if name not in step.frozen]
+        if all(name in transposable for name in sources):
+            transposable.update(node.outputs)
+    return transposable
 
 
 def _activation_inputs(node: Node, graph: ModelGraph) -> list[str]:

@@ -220,3 +220,22 @@ def test_inspect_lists_frozen_branches(tmp_path):
     assert report["frozen"] == [{"node": "residual", "tensor": "s", "shape": [4, 6, 6]}]
     statuses = {entry["name"]: entry["status"] for entry in report["nodes"]}
     assert statuses["residual"] == "transposed, frozen branch s"
+
+
+def test_branch_without_rule_is_frozen(tmp_path):
+    """The branch with more layers passes through Hardmax, which has no rule, so the other one is followed."""
+    nodes = [
+        helper.make_node("Hardmax", ["x"], ["h"], name="hard"),
+        helper.make_node("MatMul", ["h", "w_a"], ["a1"], name="layer_a1"),
+        helper.make_node("MatMul", ["a1", "w_b"], ["a"], name="layer_a2"),
+        helper.make_node("MatMul", ["x", "w_c"], ["b"], name="layer_b"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="join"),
+    ]
+    weights = {name: RNG.normal(size=(4, 4)).astype(np.float32) for name in ("w_a", "w_b", "w_c")}
+    path = save_model(tmp_path, nodes, [1, 4], weights)
+
+    graph, plan = planned(path, RNG.normal(size=(256, 4)).astype(np.float32))
+
+    assert plan.issues == []
+    assert plan.steps[0].frozen == ("a",)
+    assert [step.node.name for step in plan.steps] == ["join", "layer_b"]

@@ -2,8 +2,9 @@
 
 An element-wise node or MatMul of two activations follows one operand back and reads the other as a
 frozen tensor (its mean over real inputs, stored in the key): `c = a + b` becomes `a = c - mean(b)`.
-The followed operand is the branch with more conv/linear layers since the two branches parted, so that
-the watermark runs through the residual branch of a ResNet block rather than its shortcut.
+The followed operand is the one the plan can transpose back to the input; where both can be, it is the
+branch with more conv/linear layers since the two branches parted, so that the watermark runs through
+the residual branch of a ResNet block rather than its shortcut.
 
 Concat is split back into its parts, and each part goes back along its own branch. Where the branches
 meet again, the transposed model adds their contributions.
@@ -26,6 +27,9 @@ def choose_branch(node: Node, graph: ModelGraph) -> tuple[str, str]:
     first, second = [name for name in node.inputs if name and graph.is_data(name)]
     if first == second:
         raise Unsupported("both operands are the same activation")
+    if graph.transposable is not None and (first in graph.transposable) != (second in graph.transposable):
+        return (first, second) if first in graph.transposable else (second, first)
+
     first_nodes, second_nodes = _upstream_nodes(first, graph), _upstream_nodes(second, graph)
     first_layers = _layer_count(first_nodes - second_nodes, graph)
     second_layers = _layer_count(second_nodes - first_nodes, graph)
