@@ -170,13 +170,29 @@ def _lift_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     if opset >= MIN_INTERNAL_OPSET:
         return model
     try:
-        lifted = version_converter.convert_version(model, MIN_INTERNAL_OPSET)
-    except (RuntimeError, ValueError, onnx.checker.ValidationError) as error:
+        lifted = version_converter.convert_version(_initializers_as_inputs(model), MIN_INTERNAL_OPSET)
+    except (RuntimeError, ValueError, onnx.checker.ValidationError, version_converter.ConvertError) as error:
         log.warning("Could not lift opset %d to %d (%s); planning on the original opset",
                     opset, MIN_INTERNAL_OPSET, error)
         return model
     log.info("Lifted the internal copy from opset %d to %d", opset, MIN_INTERNAL_OPSET)
     return lifted
+
+
+def _initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy that lists every initializer as a graph input, as IR version 3 requires.
+
+    Some old exporters leave them out, and the version converter then reports them as undefined.
+    """
+    listed = {info.name for info in model.graph.input}
+    missing = [init for init in model.graph.initializer if init.name not in listed]
+    if not missing:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                            for init in missing)
+    return copy
 
 
 def _sorted_nodes(model: onnx.ModelProto, path) -> list[Node]:
