@@ -186,3 +186,48 @@ def test_plan_lists_every_unsupported_node(tmp_path):
     assert "node 'mix' (op Einsum, opset 17)" in message
     assert "node 'winner' (op Hardmax, opset 17)" in message
     assert "Supported op types:" in message
+
+
+def selection_model(tmp_path, op_type, input_shape, constants, attrs, opset=17):
+    initializers = [numpy_helper.from_array(np.asarray(value), key) for key, value in constants.items()]
+    node = helper.make_node(op_type, ["x", *constants], ["y"], name="select", **attrs)
+    graph = helper.make_graph([node], "select", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    path = tmp_path / f"{op_type}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+SELECTION_CASES = [
+    ("class_token", "Gather", [1, 5, 3], {"i": np.array(0, np.int64)}, {"axis": 1}),
+    ("negative_index", "Gather", [1, 5, 3], {"i": np.array(-2, np.int64)}, {"axis": -2}),
+    ("index_run", "Gather", [1, 4, 6], {"i": np.array([2, 3, 4], np.int64)}, {"axis": 2}),
+    ("drop_class_token", "Slice", [1, 5, 3], {"s": np.array([1], np.int64), "e": np.array([2**62], np.int64),
+                                              "a": np.array([1], np.int64)}, {}),
+    ("two_axes", "Slice", [1, 2, 6, 6], {"s": np.array([1, -4], np.int64), "e": np.array([5, -1], np.int64),
+                                         "a": np.array([2, 3], np.int64)}, {}),
+]
+
+
+@pytest.mark.parametrize("label,op_type,input_shape,constants,attrs", SELECTION_CASES,
+                         ids=[case[0] for case in SELECTION_CASES])
+def test_selection_transposed_is_adjoint(tmp_path, label, op_type, input_shape, constants, attrs):
+    rng = np.random.default_rng(7)
+    path = selection_model(tmp_path, op_type, input_shape, constants, attrs)
+    x = rng.normal(size=input_shape).astype(np.float32)
+    fx = forward_with_onnxruntime(path, x)
+    y = rng.normal(size=fx.shape).astype(np.float32)
+
+    from_onnx, from_torch = transposed_both_ways(path, y)
+
+    assert from_onnx.shape == tuple(input_shape)
+    np.testing.assert_array_equal(from_torch, from_onnx)
+    np.testing.assert_allclose(np.vdot(fx, y), np.vdot(x, from_onnx), rtol=1e-5)
+
+
+def test_gather_of_scattered_indices_is_refused(tmp_path):
+    path = selection_model(tmp_path, "Gather", [1, 5, 3], {"i": np.array([0, 2], np.int64)}, {"axis": 1})
+
+    plan = build_plan(import_graph(path), strict=False)
+
+    assert "consecutive indices" in plan.issues[0].reason

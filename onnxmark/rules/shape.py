@@ -1,6 +1,8 @@
 """Layout operators: the transposed model reshapes or permutes back to the forward input's layout."""
 from __future__ import annotations
 
+import numpy as np
+
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.rules.base import Step, Unsupported, activation_input
 from onnxmark.rules.registry import register
@@ -44,3 +46,97 @@ def plan_transpose(node: Node, graph: ModelGraph) -> Step:
         raise Unsupported(f"its permutation {perm} moves the batch axis")
     inverse = [perm.index(axis) for axis in range(rank)]
     return PermuteBackStep(node, graph.shapes[source], graph.shapes[node.outputs[0]], attrs={"inverse": inverse})
+
+
+class ZeroFillStep(Step):
+    """Inverse of Gather and Slice: put the selected values back in place and zeros everywhere else.
+
+    attrs["restore_axis"] is the axis a scalar Gather removed (None when no axis was removed), and
+    attrs["margins"] lists (axis, before, after) counts of zeros per axis, axes counted with the batch.
+    """
+
+    def run_torch(self, y, weights):
+        import torch.nn.functional as F
+
+        if self.attrs["restore_axis"] is not None:
+            y = y.unsqueeze(self.attrs["restore_axis"])
+        pad = []
+        for axis in reversed(range(1, y.dim())):
+            before, after = self._margin(axis)
+            pad += [before, after]
+        return F.pad(y, pad)
+
+    def emit_onnx(self, builder, y):
+        if self.attrs["restore_axis"] is not None:
+            axes = builder.constant([self.attrs["restore_axis"]], "int64", "axes")
+            y = builder.add("Unsqueeze", [y, axes])
+        rank = len(self.input_shape) + 1
+        margins = [self._margin(axis) for axis in range(rank)]
+        pads = builder.constant([m[0] for m in margins] + [m[1] for m in margins], "int64", "pads")
+        return builder.add("Pad", [y, pads], mode="constant")
+
+    def _margin(self, axis: int) -> tuple[int, int]:
+        for margin_axis, before, after in self.attrs["margins"]:
+            if margin_axis == axis:
+                return before, after
+        return 0, 0
+
+
+@register("Gather")
+def plan_gather(node: Node, graph: ModelGraph) -> Step:
+    source = activation_input(node, graph)
+    if node.inputs[0] != source:
+        raise Unsupported("its activation is the index input")
+    input_shape = graph.shapes[source]
+    rank = len(input_shape) + 1
+    axis = node.attrs.get("axis", 0)
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0:
+        raise Unsupported("it gathers along the batch axis")
+
+    size = input_shape[axis - 1]
+    indices = np.asarray(graph.constant_value(node.inputs[1])).astype(np.int64)
+    indices = np.where(indices < 0, indices + size, indices)
+    if indices.ndim == 0:
+        first, count, restore_axis = int(indices), 1, axis
+    elif indices.ndim == 1 and len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
+        first, count, restore_axis = int(indices[0]), len(indices), None
+    else:
+        raise Unsupported("only a scalar index or a run of consecutive indices can be put back")
+    margins = [(axis, first, size - first - count)]
+    return ZeroFillStep(node, input_shape, graph.shapes[node.outputs[0]],
+                        attrs={"restore_axis": restore_axis, "margins": margins})
+
+
+@register("Slice")
+def plan_slice(node: Node, graph: ModelGraph) -> Step:
+    source = activation_input(node, graph)
+    input_shape = graph.shapes[source]
+    rank = len(input_shape) + 1
+    if "starts" in node.attrs:   # before opset 10 the bounds are attributes
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes, steps = node.attrs.get("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        starts, ends = _int_input(node, graph, 1), _int_input(node, graph, 2)
+        axes = _int_input(node, graph, 3) or list(range(len(starts)))
+        steps = _int_input(node, graph, 4) or [1] * len(starts)
+    if any(step != 1 for step in steps):
+        raise Unsupported(f"its steps {steps} skip elements; only step 1 can be put back")
+
+    margins = []
+    for start, end, axis in zip(starts, ends, axes):
+        axis = axis + rank if axis < 0 else axis
+        if axis == 0:
+            raise Unsupported("it slices the batch axis")
+        size = input_shape[axis - 1]
+        start = min(max(start + size if start < 0 else start, 0), size)
+        end = min(max(end + size if end < 0 else end, 0), size)
+        margins.append((axis, start, size - max(end, start)))
+    return ZeroFillStep(node, input_shape, graph.shapes[node.outputs[0]],
+                        attrs={"restore_axis": None, "margins": margins})
+
+
+def _int_input(node: Node, graph: ModelGraph, index: int) -> list[int] | None:
+    if len(node.inputs) <= index or not node.inputs[index]:
+        return None
+    return [int(v) for v in np.asarray(graph.constant_value(node.inputs[index])).reshape(-1)]
