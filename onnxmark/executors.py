@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from onnxmark.errors import OnnxmarkError
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.plan import Plan
+from onnxmark.rules.activation import activation_attributes, apply_activation
+from onnxmark.rules.padding import pad_widths
+from onnxmark.rules.resize import (
+    axis_scales, nearest_indices, outside_positions, resize_inputs, resize_settings, resized_axes, sampling_matrix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +351,165 @@ def _identity(runner, node, inputs):
     return inputs[0]
 
 
+def _activation(runner, node, inputs):
+    return apply_activation(node.op_type, inputs[0], activation_attributes(node))
+
+
+
+def _clip(runner, node, inputs):
+    x = inputs[0]
+    if "min" in node.attrs or "max" in node.attrs:
+        return torch.clamp(x, node.attrs.get("min"), node.attrs.get("max"))
+    # The bounds are detached, so they stay fixed in training, as the transposed Clip reads them once at planning.
+    low, high = (inputs[i].detach() if len(inputs) > i and inputs[i] is not None else None for i in (1, 2))
+    return torch.clamp(x, low, high)
+
+def _prelu(runner, node, inputs):
+    x, slope = inputs
+    return torch.where(x < 0, x * slope, x)
+
+
+def _layer_norm(runner, node, inputs):
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    axis = node.attrs.get("axis", -1)
+    axis = axis + x.dim() if axis < 0 else axis
+    dims = tuple(range(axis, x.dim()))
+
+    mean = x.mean(dim=dims, keepdim=True)
+    centred = x - mean
+    inverse_std = torch.rsqrt((centred * centred).mean(dim=dims, keepdim=True) + node.attrs.get("epsilon", 1e-5))
+    y = centred * inverse_std * scale
+    if bias is not None:
+        y = y + bias
+    return y, mean, inverse_std      # outputs Y, Mean and InvStdDev, of which a node lists those it uses
+
+
+# Added to the standard deviation by MeanVarianceNormalization's ONNX function body, so that a constant
+# input gives 0 rather than a division by zero.
+MVN_EPSILON = 1e-9
+
+
+def _mean_variance_normalization(runner, node, inputs):
+    x = inputs[0]
+    axes = [a + x.dim() if a < 0 else a for a in node.attrs.get("axes", [0, 2, 3])]
+    mean = x.mean(dim=axes, keepdim=True)
+    centred = x - mean
+    std = torch.sqrt((centred * centred).mean(dim=axes, keepdim=True))
+    return centred / (std + MVN_EPSILON)
+
+
+# torch's F.pad name of each ONNX Pad mode other than constant.
+TORCH_PAD_MODES = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _pad(runner, node, inputs):
+    x = inputs[0]
+    attribute = "pads" if "pads" in node.attrs else "paddings"
+    if attribute in node.attrs:
+        begins, ends = pad_widths(node.attrs[attribute], x.dim())
+        value = float(node.attrs.get("value", 0.0))
+    else:
+        axes = inputs[3].tolist() if len(inputs) > 3 and inputs[3] is not None else None
+        begins, ends = pad_widths(inputs[1].tolist(), x.dim(), axes)
+        has_value = len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() > 0
+        value = float(inputs[2].reshape(-1)[0]) if has_value else 0.0
+
+    mode = node.attrs.get("mode", "constant")
+    if mode == "constant":
+        return F.pad(x, _torch_pad(begins, ends), value=value)
+    if mode not in TORCH_PAD_MODES:
+        raise OnnxmarkError(f"{node.describe(runner.graph.opset)} uses the unknown Pad mode '{mode}'")
+
+    # Negative pads crop first, because F.pad takes negative pads in constant mode only.
+    x = F.pad(x, _torch_pad([min(b, 0) for b in begins], [min(e, 0) for e in ends]))
+    begins, ends = [max(b, 0) for b in begins], [max(e, 0) for e in ends]
+    padded = [axis for axis in range(x.dim()) if begins[axis] or ends[axis]]
+    if not padded:
+        return x
+    # F.pad fills 1 to 3 trailing axes in these modes, and at least all axes after batch and channel.
+    count = max(x.dim() - padded[0], x.dim() - 2, 1)
+    if count > 3:
+        raise OnnxmarkError(f"{node.describe(runner.graph.opset)}: torch cannot run {mode} padding of axis "
+                            f"{padded[0]} of a rank-{x.dim()} tensor; it pads at most the last 3 axes in this mode")
+    return F.pad(x, _torch_pad(begins[-count:], ends[-count:]), mode=TORCH_PAD_MODES[mode])
+
+
+def _resize(runner, node, inputs):
+    x = inputs[0]
+    opset = runner.graph.opset
+    settings = resize_settings(node, opset)
+    values = [None] + [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t for t in inputs[1:]]
+    roi, scales, sizes = resize_inputs(node, opset, values)
+    input_shape = list(x.shape)
+    # Sizes were written for the recorded batch, and a training step's batch may differ.
+    recorded_shape = [runner.graph.recorded_batch, *input_shape[1:]]
+    try:
+        scale_per_axis = axis_scales(settings, recorded_shape, scales, sizes)
+    except ValueError as error:
+        raise OnnxmarkError(f"{node.describe(opset)} cannot run in torch: {error}") from error
+    if scales is not None and scale_per_axis[0] != 1.0:
+        raise OnnxmarkError(f"{node.describe(opset)} resizes the batch axis by {scale_per_axis[0]}, which "
+                            "torch training cannot follow")
+
+    output_shape = _resize_output_shape(runner, node, input_shape, scale_per_axis, settings, sizes)
+    rois = _resize_rois(roi, settings, x.dim())
+    for axis in range(1, x.dim()):
+        in_size, out_size, scale = input_shape[axis], output_shape[axis], scale_per_axis[axis]
+        if in_size == out_size and scale == 1.0 and settings.coordinate_transformation_mode != "tf_crop_and_resize":
+            continue
+        try:
+            x = _resize_axis(x, axis, in_size, out_size, scale, settings, rois[axis])
+        except ValueError as error:
+            raise OnnxmarkError(f"{node.describe(opset)} cannot run in torch: {error}") from error
+    return x
+
+
+def _resize_axis(x, axis, in_size, out_size, scale, settings, roi):
+    if settings.mode == "nearest":
+        index = nearest_indices(in_size, out_size, scale, settings, roi)
+        resized = torch.index_select(x, axis, torch.from_numpy(index).to(x.device))
+    else:
+        matrix = torch.from_numpy(sampling_matrix(in_size, out_size, scale, settings, roi))
+        moved = torch.movedim(x, axis, -1) @ matrix.to(x.device, x.dtype).T
+        resized = torch.movedim(moved, -1, axis)
+
+    if settings.coordinate_transformation_mode == "tf_crop_and_resize":
+        mask_shape = [1] * x.dim()
+        mask_shape[axis] = out_size
+        outside = torch.from_numpy(outside_positions(in_size, out_size, scale, settings, roi))
+        resized = torch.where(outside.reshape(mask_shape).to(x.device),
+                              torch.full_like(resized, settings.extrapolation_value), resized)
+    return resized
+
+
+def _resize_output_shape(runner, node, input_shape, scale_per_axis, settings, sizes) -> list[int]:
+    output = node.outputs[0]
+    if output in runner.graph.shapes:
+        return [input_shape[0], *runner.data_shape(output)]
+    if sizes is not None and settings.keep_aspect_ratio_policy == "stretch":
+        rank = len(input_shape)
+        shape = list(input_shape)
+        for axis, size in zip(resized_axes(settings, rank), sizes):
+            shape[axis] = int(size)
+        return shape
+    # NOTE: onnxruntime records every activation's shape, so this branch only runs for a Resize of a
+    # constant. It rounds down for scales, as the spec does, and to nearest for keep_aspect_ratio_policy.
+    rounding = np.floor if sizes is None else np.round
+    return [int(rounding(size * scale)) for size, scale in zip(input_shape, scale_per_axis)]
+
+
+def _resize_rois(roi, settings, rank) -> list[tuple[float, float]]:
+    """Return (start, end) of the region of interest of every axis. Only tf_crop_and_resize reads it."""
+    rois = [(0.0, 1.0)] * rank
+    if roi is None or settings.coordinate_transformation_mode != "tf_crop_and_resize":
+        return rois
+    axes = resized_axes(settings, rank)
+    for index, axis in enumerate(axes):
+        rois[axis] = (float(roi[index]), float(roi[len(axes) + index]))
+    return rois
+
+
 OPS = {
     "Conv": _conv,
     "Gemm": _gemm,
@@ -376,4 +540,24 @@ OPS = {
     "Dropout": _identity,     # inference behaviour: the forward model trains without its own dropout
     "Softmax": _softmax,
     "LogSoftmax": _log_softmax,
+    # Weights that training must reach: read from the parameter store, not copied by onnx2torch.
+    "PRelu": _prelu,
+    "LayerNormalization": _layer_norm,
+    # onnx2torch 1.5 lacks converters for these at some opsets from 7 to 22. It has none for Gelu, Mish,
+    # ThresholdedRelu, MeanVarianceNormalization and Upsample, and none for the opset-18+ Pad and Resize
+    # or the opset-22 activations. Its Resize also rounds nearest down whatever the node's nearest_mode.
+    "Elu": _activation,
+    "Selu": _activation,
+    "HardSigmoid": _activation,
+    "HardSwish": _activation,
+    "ThresholdedRelu": _activation,
+    "Gelu": _activation,
+    "Softplus": _activation,
+    "Softsign": _activation,
+    "Mish": _activation,
+    "MeanVarianceNormalization": _mean_variance_normalization,
+    "Pad": _pad,
+    "Resize": _resize,
+    "Clip": _clip,            # onnx2torch rejects an omitted min input
+    "Upsample": _resize,
 }

@@ -34,4 +34,6 @@ def supported_op_types() -> list[str]:
 
 def _load_rule_modules() -> None:
     # Importing the modules runs their @register decorators.
-    from onnxmark.rules import activation, conv, elementwise, linear, normalization, pooling, shape  # noqa: F401
+    from onnxmark.rules import (  # noqa: F401
+        activation, conv, elementwise, linear, normalization, padding, pooling, resize, shape,
+    )
