@@ -175,8 +175,25 @@ def _lift_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         log.warning("Could not lift opset %d to %d (%s); planning on the original opset",
                     opset, MIN_INTERNAL_OPSET, error)
         return model
+    _keep_legacy_resize_sampling(lifted)
     log.info("Lifted the internal copy from opset %d to %d", opset, MIN_INTERNAL_OPSET)
     return lifted
+
+
+def _keep_legacy_resize_sampling(model: onnx.ModelProto) -> None:
+    """Give lifted Resize nodes the sampling of the Upsample or Resize-10 they came from.
+
+    Before opset 11, Upsample and Resize sample at asymmetric coordinates (nearest rounds down), and the
+    version converter leaves Resize-11 at its half_pixel default.
+    """
+    for node in model.graph.node:
+        if node.op_type != "Resize":
+            continue
+        names = {attribute.name for attribute in node.attribute}
+        if "coordinate_transformation_mode" not in names:
+            node.attribute.append(onnx.helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        if "nearest_mode" not in names:
+            node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
 
 
 def _initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -230,12 +230,10 @@ def test_upsample_on_original_opset(tmp_path, original_opset, op_type, opset, at
     np.testing.assert_allclose(forward_with_torch(path, x), upsampled, atol=TOLERANCE)
 
 
-@pytest.mark.xfail(strict=True, reason="onnx's version converter lifts a linear Upsample to Resize-11 "
-                                       "without coordinate_transformation_mode='asymmetric', so the internal "
-                                       "copy samples half_pixel while the file samples asymmetric")
-def test_linear_upsample_lifted_forward_matches_file(tmp_path):
-    path = node_model(tmp_path, "Upsample", [2, 3, 4, 5], [("scales", np.array([1, 1, 2, 2], np.float32))],
-                      {"mode": "linear"}, opset=9)
+@pytest.mark.parametrize("mode,scales", [("linear", [1, 1, 2, 2]), ("nearest", [1, 1, 1.5, 2.5])])
+def test_lifted_upsample_forward_matches_file(tmp_path, mode, scales):
+    path = node_model(tmp_path, "Upsample", [2, 3, 4, 5], [("scales", np.array(scales, np.float32))],
+                      {"mode": mode}, opset=9)
     x = random_input((2, 3, 4, 5))
 
     np.testing.assert_allclose(forward_with_torch(path, x), forward_with_onnxruntime(path, x), atol=TOLERANCE)
