@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import networkx as nx
+
 from onnxmark.graph import import_graph
 from onnxmark.plan import build_plan
 
@@ -12,6 +14,12 @@ def inspect_model(path: str | Path) -> dict:
     plan = build_plan(graph, strict=False)
     planned = {step.node.name: step for step in plan.steps}
     problems = {issue.node.name: issue.reason for issue in plan.issues}
+
+    frozen_nodes = set()
+    for name in plan.frozen_names():
+        producer = graph.producer(name)
+        if producer is not None:
+            frozen_nodes |= nx.ancestors(graph.graph, producer.name) | {producer.name}
 
     nodes = []
     for node in graph.nodes:
@@ -26,6 +34,8 @@ def inspect_model(path: str | Path) -> dict:
             status = f"NO RULE: {problems[node.name]}"
         elif graph.logits_name in node.inputs:
             status = "skipped (after the logits)"
+        elif node.name in frozen_nodes:
+            status = "in a frozen branch (its mean value is stored in the key)"
         else:
             status = "not on the path from input to logits"
         nodes.append({"name": node.name, "op_type": node.op_type, "status": status})

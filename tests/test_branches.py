@@ -239,3 +239,23 @@ def test_branch_without_rule_is_frozen(tmp_path):
     assert plan.issues == []
     assert plan.steps[0].frozen == ("a",)
     assert [step.node.name for step in plan.steps] == ["join", "layer_b"]
+
+
+def test_inspect_marks_frozen_branch_nodes(tmp_path):
+    from onnxmark.inspect import inspect_model
+
+    nodes = [
+        helper.make_node("Hardmax", ["x"], ["h"], name="hard"),
+        helper.make_node("MatMul", ["h", "w_a"], ["a"], name="layer_a"),
+        helper.make_node("MatMul", ["x", "w_b"], ["b"], name="layer_b"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="join"),
+    ]
+    weights = {name: RNG.normal(size=(4, 4)).astype(np.float32) for name in ("w_a", "w_b")}
+
+    report = inspect_model(save_model(tmp_path, nodes, [1, 4], weights))
+
+    statuses = {entry["name"]: entry["status"] for entry in report["nodes"]}
+    assert statuses["hard"].startswith("in a frozen branch")
+    assert statuses["layer_a"].startswith("in a frozen branch")
+    assert statuses["layer_b"] == "transposed (layer)"
+    assert report["unsupported"] == []
