@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxmark.errors import OnnxmarkError
-from onnxmark.graph import ModelGraph
+from onnxmark.graph import ModelGraph, runtime_session
 from onnxmark.plan import Plan
 
 # Inputs per onnxruntime run when the model's batch dimension is dynamic.
@@ -24,8 +24,6 @@ def record_frozen(plan: Plan, graph: ModelGraph, inputs: np.ndarray) -> dict[str
 
     Each mean has the tensor's shape without the batch dimension.
     """
-    import onnxruntime as ort
-
     names = plan.frozen_names()
     if not names:
         return {}
@@ -33,7 +31,7 @@ def record_frozen(plan: Plan, graph: ModelGraph, inputs: np.ndarray) -> dict[str
     model.CopyFrom(graph.model)
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = runtime_session(model.SerializeToString())
 
     batch = graph.recorded_batch if _batch_is_fixed(graph) else RECORDING_BATCH
     inputs = inputs[:RECORDING_LIMIT].astype(graph.input_dtype)

@@ -28,6 +28,8 @@ SHAPE_OPS = {"Shape", "Size"}
 
 # Operators at the output that the transposed model skips: it starts at the logits.
 OUTPUT_NORMALISERS = {"Softmax", "LogSoftmax"}
+# onnxruntime's log severity levels: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+ERRORS_ONLY = 3
 
 
 @dataclass
@@ -96,6 +98,18 @@ class ModelGraph:
         if tensor in self.values:
             return self.values[tensor]
         raise KeyError(tensor)
+
+
+def runtime_session(model_bytes: bytes):
+    """Return an onnxruntime CPU session that reports errors only.
+
+    Its warnings (initializers also listed as graph inputs, for one) concern the user's file, not the job.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = ERRORS_ONLY
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -324,8 +338,6 @@ def _logits_name(graph: ModelGraph) -> str:
 
 def _record_shapes(graph: ModelGraph) -> None:
     """Run the internal copy once with onnxruntime and keep every tensor's shape and every constant value."""
-    import onnxruntime as ort
-
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     names = [out for node in graph.nodes for out in node.outputs if out]
@@ -336,7 +348,7 @@ def _record_shapes(graph: ModelGraph) -> None:
     rng = np.random.default_rng(0)
     sample = rng.uniform(0, 1, (graph.recorded_batch, *graph.input_dims)).astype(graph.input_dtype)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = runtime_session(model.SerializeToString())
         results = session.run(names, {graph.input_name: sample})
     except Exception as error:  # onnxruntime raises its own exception types for invalid graphs
         raise OnnxmarkError(f"{graph.path}: onnxruntime cannot run this model ({error})") from error

@@ -6,7 +6,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmark.errors import OnnxmarkError
-from onnxmark.graph import ModelGraph
+from onnxmark.graph import ModelGraph, runtime_session
 from onnxmark.plan import Plan
 
 # The transposed graph is our own, so it uses one recent opset whatever the suspect's opset is
@@ -104,9 +104,7 @@ def _checked_frozen(plan: Plan, frozen: dict[str, np.ndarray]) -> dict[str, np.n
 
 def run_transposed(model: onnx.ModelProto, keys: np.ndarray) -> np.ndarray:
     """Run the transposed graph on key vectors with onnxruntime; return images in the model's layout."""
-    import onnxruntime as ort
-
     keys = np.asarray(keys, dtype=np.float32)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = runtime_session(model.SerializeToString())
     (images,) = session.run([IMAGE_OUTPUT], {KEY_INPUT: keys.reshape(len(keys), -1)})
     return images
