@@ -15,6 +15,7 @@ import onnx
 from PIL import Image, ImageDraw, ImageFont
 
 from onnxmark.data import from_layout
+from onnxmark.errors import OnnxmarkError
 from onnxmark.files import OutputTransaction
 from onnxmark.graph import import_graph, load_onnx
 from onnxmark.keyfile import Key, sha256_bytes
@@ -57,7 +58,7 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None)
     graph = import_graph(suspect, model)
     plan = build_plan(graph)
     check_signature(key.signature, plan.signature(graph), str(suspect))
-    plan.frozen_values = key.frozen
+    plan.frozen_values = _frozen_by_position(plan, graph, key)
 
     transposed = build_transposed_model(plan, graph)
     values = run_transposed(transposed, key.keys)
@@ -67,6 +68,26 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None)
     return Extraction(model=str(suspect), model_sha256=sha256_bytes(model.SerializeToString()),
                       images=images, secrets=key.secrets,
                       ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets))
+
+
+def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:
+    """Match the key's frozen tensors to the suspect's frozen branches by their order in the plan.
+
+    The signature already matched, so the branches correspond one to one even where the suspect's
+    tensors have other names.
+    """
+    names = plan.frozen_names()
+    values = list(key.frozen.values())
+    if len(values) != len(names):
+        raise OnnxmarkError(f"The key has {len(values)} frozen tensors, the suspect's plan freezes {len(names)} "
+                            "branches; the key was made for another architecture")
+    matched = {}
+    for name, value in zip(names, values):
+        if tuple(value.shape) != tuple(graph.shapes[name]):
+            raise OnnxmarkError(f"The key's frozen tensor for branch '{name}' has shape {list(value.shape)}, "
+                                f"the suspect's branch {list(graph.shapes[name])}")
+        matched[name] = value
+    return matched
 
 
 def write_evidence(extraction: Extraction, folder: Path, transaction: OutputTransaction) -> dict:

@@ -259,3 +259,58 @@ def test_inspect_marks_frozen_branch_nodes(tmp_path):
     assert statuses["layer_a"].startswith("in a frozen branch")
     assert statuses["layer_b"] == "transposed (layer)"
     assert report["unsupported"] == []
+
+
+def residual_classifier(tmp_path):
+    """A small residual classifier for MNIST: stem conv, one residual block, pooling and a linear head."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem"], ["s"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["s"], ["s_relu"], name="stem_relu"),
+        helper.make_node("Conv", ["s_relu", "w_a"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
+        helper.make_node("Conv", ["a_relu", "w_b"], ["r"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["s_relu", "r"], ["sum"], name="residual"),
+        helper.make_node("MaxPool", ["sum"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w_fc", "b_fc"], ["y"], name="fc", transB=1),
+    ]
+    weights = {"w_stem": conv_weight(8, 1) * 0.3, "w_a": conv_weight(8, 8) * 0.1, "w_b": conv_weight(8, 8) * 0.1,
+               "w_fc": RNG.normal(0, 0.03, (10, 8 * 7 * 7)).astype(np.float32), "b_fc": np.zeros(10, np.float32)}
+    return save_model(tmp_path, nodes, ["N", 1, 28, 28], weights)
+
+
+def renamed_copy(path, target):
+    """Rename every node and every tensor except the graph input and output."""
+    model = onnx.load(path)
+    keep = {model.graph.input[0].name, model.graph.output[0].name}
+    names = {}
+    for node in model.graph.node:
+        for tensor in [*node.input, *node.output]:
+            if tensor not in names:
+                names[tensor] = tensor if tensor in keep else f"t{len(names)}"
+    for index, node in enumerate(model.graph.node):
+        node.name = f"n{index}"
+        node.input[:] = [names.get(t, t) for t in node.input]
+        node.output[:] = [names.get(t, t) for t in node.output]
+    for initializer in model.graph.initializer:
+        initializer.name = names.get(initializer.name, initializer.name)
+    onnx.save(model, target)
+    return target
+
+
+def test_residual_embed_extracts_from_renamed_copy(tmp_path):
+    from onnxmark.embed import EmbedOptions, embed
+    from onnxmark.extract import extract
+    from onnxmark.keyfile import load_key
+
+    options = EmbedOptions(data="mnist-sample", output_dir=tmp_path / "out", mode="scratch", epochs=1, key_count=4,
+                           max_hardening_steps=400)
+    summary = embed(residual_classifier(tmp_path), options)
+    key = load_key(summary["key"])
+    renamed = renamed_copy(summary["model"], tmp_path / "renamed.onnx")
+
+    extraction = extract(renamed, key)
+
+    assert list(key.frozen) == ["s_relu"]
+    assert summary["ssim_mean"] >= 0.8
+    np.testing.assert_allclose(extraction.ssim, extract(summary["model"], key).ssim, atol=1e-6)
