@@ -142,7 +142,8 @@ class ForwardExecutor:
 
     def __call__(self, inputs: torch.Tensor, batch_norm_training: bool = False) -> torch.Tensor:
         self.runner.batch_norm_training = batch_norm_training
-        return self.runner.run([self.graph.logits_name], {self.graph.input_name: inputs})[self.graph.logits_name]
+        logits = self.runner.run([self.graph.logits_name], {self.graph.input_name: inputs})[self.graph.logits_name]
+        return logits.flatten(1)   # [N, classes], also for logits shaped [N, classes, 1, 1]
 
 
 class TransposedExecutor:
