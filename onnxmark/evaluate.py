@@ -1,4 +1,4 @@
-"""Accuracy of an ONNX model on labelled inputs, measured with onnxruntime on the file itself."""
+"""Accuracy on labelled inputs and agreement between two ONNX models, measured with onnxruntime on the files."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,3 +31,8 @@ def predict(model_bytes: bytes, inputs: np.ndarray) -> np.ndarray:
 def accuracy(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy in [0, 1]."""
     return float((predict(model_bytes, inputs) == labels).mean())
+
+
+def agreement(model_bytes: bytes, reference_bytes: bytes, inputs: np.ndarray) -> float:
+    """Fraction in [0, 1] of inputs on which both models predict the same top-1 class."""
+    return float((predict(model_bytes, inputs) == predict(reference_bytes, inputs)).mean())

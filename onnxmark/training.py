@@ -25,6 +25,13 @@ MIN_WATERMARK_RATIO = 1 / 16
 MAX_WATERMARK_RATIO = 4.0
 # Number of training images on which the schedule measures accuracy when it guards a trained model.
 MONITOR_SIZE = 512
+# Temperature that softens the original's and the student's softmax in the distillation loss of teacher
+# mode. Above 1 the loss also carries the original's ranking of the other classes, not only its top class.
+DISTILLATION_TEMPERATURE = 2.0
+# Fraction of the configured learning rates that annealing reaches at the end of constraint training.
+ANNEAL_FLOOR = 0.01
+# Batch size of the one pass that records the teacher logits. It only bounds memory.
+TEACHER_BATCH = 256
 
 Progress = Callable[[str, int, int, dict], None]
 
@@ -45,6 +52,19 @@ class TrainingConfig:
     # When set, the schedule also watches accuracy on a fixed subset of the training data and halves the
     # watermark's share whenever it falls this far (fraction) below the accuracy measured before training.
     accuracy_tolerance: float | None = None
+    temperature: float = DISTILLATION_TEMPERATURE
+    # When set, both learning rates follow a cosine from their configured value down to ANNEAL_FLOOR times
+    # that value over constraint training, so the last steps settle instead of stepping around the optimum.
+    anneal: bool = False
+    # When set, main and transposed steps share one Adam optimizer at main_lr (see Watermarker.__init__).
+    shared_optimizer: bool = False
+    # When set, the watermark loss accepts any pixel beyond 0 or 1 where the secret is exactly 0 or 1,
+    # because the verifier clips extracted images to [0, 1] before it compares them.
+    clip_tolerant: bool = False
+    # When unset, initializers with a single element keep their values, such as the scale and offset of a
+    # Keras Rescaling layer. Adam moves every parameter by about the learning rate per step, and for a
+    # constant such as 1/255 that is a large relative change.
+    train_scalars: bool = True
 
 
 def _silent(phase: str, done: int, total: int, stats: dict) -> None:
@@ -65,8 +85,16 @@ class Watermarker:
         self.keys = torch.from_numpy(np.asarray(keys, dtype=np.float32))
         self.secrets = torch.from_numpy(np.asarray(secrets, dtype=np.float32))
         self._pixel_scale, self._pixel_offset = _pixel_affine(preprocessing, spec.channels)
-        self.watermark_optimizer = torch.optim.Adam(self.store.trainable(), lr=config.transposed_lr)
-        self.main_optimizer = torch.optim.Adam(self.store.trainable(), lr=config.main_lr)
+
+        parameters = [p for p in self.store.trainable() if config.train_scalars or p.numel() > 1]
+        self.main_optimizer = torch.optim.Adam(parameters, lr=config.main_lr)
+        # With two Adam optimizers each step has the full learning rate in its own loss's direction, so on a
+        # trained model the two steps fight and the main task drifts. One shared optimizer averages both
+        # gradients in its moments and steps along their combination.
+        if config.shared_optimizer:
+            self.watermark_optimizer = self.main_optimizer
+        else:
+            self.watermark_optimizer = torch.optim.Adam(parameters, lr=config.transposed_lr)
 
     # ----- watermark -----
 
@@ -77,6 +105,8 @@ class Watermarker:
 
     def watermark_loss(self, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.extracted_pixels(training)
+        if self.config.clip_tolerant:
+            images = _clipped_towards(images, self.secrets)
         ssim = ssim_torch(images, self.secrets)
         mse = F.mse_loss(images, self.secrets)
         if float(mse.detach()) <= 1.0:
@@ -115,35 +145,64 @@ class Watermarker:
 
     # ----- main task -----
 
-    def main_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    def main_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Take one main-task step; return the batch's top-1 accuracy (agreement for teacher logits).
+
+        Integer targets are class labels and train by cross-entropy. Float targets [N, classes] are the
+        original model's logits and train by distillation (teacher mode).
+        """
         self.main_optimizer.zero_grad()
         logits = self.forward(inputs, batch_norm_training=not self.config.freeze_batch_norm)
-        loss = F.cross_entropy(logits, labels)
+        if targets.is_floating_point():
+            loss = distillation_loss(logits, targets, self.config.temperature)
+        else:
+            loss = F.cross_entropy(logits, targets)
         loss.backward()
         self.main_optimizer.step()
-        return float((logits.argmax(dim=1) == labels).float().mean())
+        return float((logits.argmax(dim=1) == class_targets(targets)).float().mean())
 
-    def constraint_train(self, inputs: np.ndarray, labels: np.ndarray, seed: int, watermark: bool = True,
+    def teacher_logits(self, inputs: np.ndarray) -> np.ndarray:
+        """Logits [N, classes] of the model as it is now, batch norms in inference mode.
+
+        Called before any training step, this records the original model's outputs for teacher mode.
+        """
+        x = torch.from_numpy(np.asarray(inputs, dtype=np.float32))
+        with torch.no_grad():
+            chunks = [self.forward(x[start:start + TEACHER_BATCH], batch_norm_training=False)
+                      for start in range(0, len(x), TEACHER_BATCH)]
+        return torch.cat(chunks).numpy().astype(np.float32)
+
+    def constraint_train(self, inputs: np.ndarray, targets: np.ndarray, seed: int, watermark: bool = True,
                          progress: Progress = _silent) -> dict:
         """Alternate main-task steps with transposed steps for the configured number of epochs.
 
-        The number of transposed steps per main step follows the measured SSIM: it grows while the SSIM is
-        under the target and shrinks while it is well above, between MIN_ and MAX_WATERMARK_RATIO.
+        `targets` are int64 class labels [N], or float32 teacher logits [N, classes] for teacher mode (see
+        `main_step`). The number of transposed steps per main step follows the measured SSIM: it grows
+        while the SSIM is under the target and shrinks while it is well above, between MIN_ and
+        MAX_WATERMARK_RATIO. With teacher logits the accuracy guard measures agreement with the teacher.
         """
         generator = torch.Generator().manual_seed(seed)
         x = torch.from_numpy(np.asarray(inputs, dtype=np.float32))
-        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        targets = np.asarray(targets)
+        y = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
         batches = math.ceil(len(x) / self.config.batch_size)
         total = batches * self.config.epochs
         ratio, owed, done, watermark_steps = 1.0, 0.0, 0, 0
         ssim, train_accuracy = float("nan"), float("nan")
-        monitor = x[:MONITOR_SIZE], y[:MONITOR_SIZE]
-        reference_accuracy = self.accuracy_on(*monitor) if self.config.accuracy_tolerance is not None else None
+        fidelity = "agreement" if y.is_floating_point() else "accuracy"
+        monitor = x[:MONITOR_SIZE], class_targets(y[:MONITOR_SIZE])
+        reference_accuracy = None
+        if self.config.accuracy_tolerance is not None:
+            # Teacher logits come from the unmodified model, whose agreement with itself is 1 even when
+            # hardening has already moved the weights.
+            reference_accuracy = 1.0 if y.is_floating_point() else self.accuracy_on(*monitor)
 
         for _ in range(self.config.epochs):
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), self.config.batch_size):
                 index = order[start:start + self.config.batch_size]
+                if self.config.anneal:
+                    self._anneal(done / total)
                 accuracy = self.main_step(x[index], y[index])
                 train_accuracy = accuracy if math.isnan(train_accuracy) else 0.9 * train_accuracy + 0.1 * accuracy
                 done += 1
@@ -161,9 +220,18 @@ class Watermarker:
                             ratio = max(ratio * 0.5, MIN_WATERMARK_RATIO)
                         else:
                             ratio = _next_ratio(ratio, ssim, self.config.ssim_target, self.config.max_watermark_ratio)
-                progress("training", done, total, {"ssim": ssim, "accuracy": train_accuracy})
+                progress("training", done, total, {"ssim": ssim, fidelity: train_accuracy})
 
         return {"main_steps": done, "watermark_steps": watermark_steps}
+
+    def _anneal(self, fraction: float) -> None:
+        factor = ANNEAL_FLOOR + (1.0 - ANNEAL_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+        rates = [(self.main_optimizer, self.config.main_lr)]
+        if self.watermark_optimizer is not self.main_optimizer:
+            rates.append((self.watermark_optimizer, self.config.transposed_lr))
+        for optimizer, rate in rates:
+            for group in optimizer.param_groups:
+                group["lr"] = rate * factor
 
     def accuracy_on(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
         with torch.no_grad():
@@ -198,6 +266,35 @@ class Watermarker:
 
     def trained_values(self) -> dict[str, np.ndarray]:
         return self.store.snapshot()
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence from the teacher's softened class distribution to the student's, times temperature².
+
+    Both softmaxes divide the logits by `temperature`. The factor temperature² keeps the size of the
+    gradients about the same for any temperature. The loss is zero when the logits equal the teacher's.
+    """
+    student = F.log_softmax(logits / temperature, dim=1)
+    teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def class_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Class labels [N]: the targets themselves, or the top-1 class of teacher logits [N, classes]."""
+    return targets.argmax(dim=1) if targets.is_floating_point() else targets
+
+
+def _clipped_towards(images: torch.Tensor, secrets: torch.Tensor) -> torch.Tensor:
+    """Move every pixel that lies beyond a saturated secret pixel (0 or 1) onto that value.
+
+    A pixel whose secret is 1 counts as 1 once it reaches 1, and one whose secret is 0 counts as 0 once
+    it falls to 0, because clipping shows them so. Pixels on the wrong side and pixels of gray secret
+    values keep their gradient.
+    """
+    bright = secrets >= 1.0
+    dark = secrets <= 0.0
+    images = torch.where(bright, torch.clamp(images, max=1.0), images)
+    return torch.where(dark, torch.clamp(images, min=0.0), images)
 
 
 def _next_ratio(ratio: float, ssim: float, target: float, maximum: float) -> float:

@@ -410,10 +410,22 @@ def test_load_dataset_folder_without_images(tmp_path):
         load_dataset(str(tmp_path))
 
 
-def test_load_dataset_folder_without_subfolders(tmp_path):
-    Image.new("L", (4, 4)).save(tmp_path / "loose.png")
+def test_load_dataset_folder_without_subfolders_has_no_labels(tmp_path):
+    Image.new("L", (4, 4), 255).save(tmp_path / "a.png")
+    Image.new("L", (4, 4), 0).save(tmp_path / "b.png")
 
-    with pytest.raises(OnnxmarkError, match="no class subfolders"):
+    dataset = load_dataset(str(tmp_path))
+
+    assert dataset.labels is None
+    assert dataset.images.shape == (2, 1, 4, 4)
+    np.testing.assert_array_equal(dataset.images[0], 1.0)
+    np.testing.assert_array_equal(dataset.images[1], 0.0)
+
+
+def test_load_dataset_empty_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+
+    with pytest.raises(OnnxmarkError, match="no class subfolders and no images"):
         load_dataset(str(tmp_path))
 
 
