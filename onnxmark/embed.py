@@ -19,10 +19,10 @@ from onnxmark.extract import extract, write_evidence
 from onnxmark.files import OutputTransaction
 from onnxmark.frozen import record_frozen
 from onnxmark.graph import ModelGraph, import_graph, load_onnx
-from onnxmark.keyfile import Key, sha256_bytes
+from onnxmark.keyfile import Key, model_sha256
 from onnxmark.plan import build_plan, require_layers
 from onnxmark.secrets import DEFAULT_SECRET_COUNT, default_texts, load_secret_image, render_text
-from onnxmark.writeback import write_back
+from onnxmark.writeback import model_files, uses_external_data, write_back
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
     spec = InputSpec.from_dims(graph.input_dims)
     options.preprocessing.check_channels(spec.channels)
     paths = output_paths(model_path, options.output_dir)
+    external = uses_external_data(model_path)
+    if external:
+        paths["model_data"] = paths["model"].with_name(f"{paths['model'].name}.data")
 
     with OutputTransaction(force=options.force) as transaction:
         for path in paths.values():
@@ -135,17 +138,20 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         key = Key(keys=keys.astype(np.float32), secrets=secrets, input_spec=spec,
                   preprocessing=options.preprocessing, signature=plan.signature(graph),
                   frozen=plan.frozen_values,
-                  model_sha256=sha256_bytes(model_bytes), model_file=paths["model"].name,
+                  model_sha256=model_sha256(watermarked), model_file=paths["model"].name,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   onnxmark_version=__version__)
         extraction = extract(paths["model"], key, watermarked)
 
-        transaction.write_bytes(paths["model"], model_bytes)
+        written = model_files(watermarked, paths["model"], external)
+        for path, data in written.items():
+            transaction.write_bytes(path, data)
         transaction.write_text(paths["key"], key.to_json(), private=True)
         evidence = write_evidence(extraction, paths["evidence"], transaction)
 
     return {
         "model": str(paths["model"]),
+        "model_data": next((str(path) for path in written if path != paths["model"]), None),
         "key": str(paths["key"]),
         "evidence": str(paths["evidence"]),
         "mode": "trained" if trained else "scratch",

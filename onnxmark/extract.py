@@ -18,7 +18,7 @@ from onnxmark.data import from_layout
 from onnxmark.errors import OnnxmarkError
 from onnxmark.files import OutputTransaction
 from onnxmark.graph import import_graph, load_onnx
-from onnxmark.keyfile import Key, sha256_bytes
+from onnxmark.keyfile import Key, model_sha256
 from onnxmark.plan import build_plan, check_signature
 from onnxmark.ssim import mse_batch, ssim_batch
 from onnxmark.transposed_onnx import build_transposed_model, run_transposed
@@ -65,7 +65,7 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None)
     pixels = key.preprocessing.to_pixels(from_layout(values, key.input_spec))
     images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
 
-    return Extraction(model=str(suspect), model_sha256=sha256_bytes(model.SerializeToString()),
+    return Extraction(model=str(suspect), model_sha256=model_sha256(model),
                       images=images, secrets=key.secrets,
                       ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets))
 

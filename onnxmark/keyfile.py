@@ -97,6 +97,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def model_sha256(model) -> str:
+    """Return the SHA-256 of a model with all its weights inline, the same whether they came from one file or two.
+
+    Loading external data leaves `data_location` set to its default on each tensor, which changes the
+    serialized bytes, so the field is cleared first.
+    """
+    import onnx
+
+    canonical = onnx.ModelProto()
+    canonical.CopyFrom(model)
+    for initializer in canonical.graph.initializer:
+        if initializer.data_location == onnx.TensorProto.DEFAULT:
+            initializer.ClearField("data_location")
+    return sha256_bytes(canonical.SerializeToString())
+
+
 def _encode_array(value: np.ndarray) -> str:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(value), allow_pickle=False)

@@ -133,3 +133,24 @@ def test_inline_model_stays_one_file(tmp_path):
 
     assert list(files) == [target]
     assert files[target] == model.SerializeToString()
+
+
+def test_embed_writes_external_data_beside_output(tmp_path):
+    from onnxmark.embed import EmbedOptions, embed
+    from onnxmark.extract import extract
+    from onnxmark.keyfile import load_key
+
+    source = tmp_path / "source" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(small_cnn(17), str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=64)
+    options = EmbedOptions(data="digits", output_dir=tmp_path / "out", teacher=True, key_count=2, epochs=1,
+                           held_out=300)
+
+    summary = embed(source, options)
+
+    assert summary["model_data"] == str(tmp_path / "out" / "model.wm.onnx.data")
+    assert uses_external_data(summary["model"])
+    key = load_key(summary["key"])
+    extraction = extract(summary["model"], key)
+    assert extraction.model_sha256 == key.model_sha256
