@@ -44,7 +44,7 @@ TRAINED_ACCURACY_TOLERANCE = 0.005
 # falls along a cosine.
 TEACHER_EPOCHS = 12                     # passes over the training images and their shifted copies
 TEACHER_LR = 1e-3
-TEACHER_AGREEMENT_TOLERANCE = 0.02
+TEACHER_AGREEMENT_TOLERANCE = 0.01
 TEACHER_SHIFTED_COPIES = 4
 TEACHER_MAX_SHIFT = 2                   # pixels along each axis
 TEACHER_POOL_BYTES = 1 << 30            # bound on the training images and copies held in memory

@@ -146,7 +146,7 @@ class Watermarker:
     # ----- main task -----
 
     def main_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Take one main-task step; return the batch's top-1 accuracy (agreement for teacher logits).
+        """Take one main-task step and return the batch's top-1 accuracy, or agreement for teacher logits.
 
         Integer targets are class labels and train by cross-entropy. Float targets [N, classes] are the
         original model's logits and train by distillation (teacher mode).
@@ -162,7 +162,7 @@ class Watermarker:
         return float((logits.argmax(dim=1) == class_targets(targets)).float().mean())
 
     def teacher_logits(self, inputs: np.ndarray) -> np.ndarray:
-        """Logits [N, classes] of the model as it is now, batch norms in inference mode.
+        """Compute the logits [N, classes] of the model as it is now, with batch norms in inference mode.
 
         Called before any training step, this records the original model's outputs for teacher mode.
         """
@@ -184,7 +184,8 @@ class Watermarker:
         generator = torch.Generator().manual_seed(seed)
         x = torch.from_numpy(np.asarray(inputs, dtype=np.float32))
         targets = np.asarray(targets)
-        y = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
+        teacher = targets.ndim == 2
+        y = torch.from_numpy(targets.astype(np.float32 if teacher else np.int64))
         batches = math.ceil(len(x) / self.config.batch_size)
         total = batches * self.config.epochs
         ratio, owed, done, watermark_steps = 1.0, 0.0, 0, 0
@@ -193,8 +194,7 @@ class Watermarker:
         monitor = x[:MONITOR_SIZE], class_targets(y[:MONITOR_SIZE])
         reference_accuracy = None
         if self.config.accuracy_tolerance is not None:
-            # Teacher logits come from the unmodified model, whose agreement with itself is 1 even when
-            # hardening has already moved the weights.
+            # Teacher logits come from the unmodified model, so the reference is its agreement with itself.
             reference_accuracy = 1.0 if y.is_floating_point() else self.accuracy_on(*monitor)
 
         for _ in range(self.config.epochs):
