@@ -36,7 +36,7 @@ class Step:
     def run_torch(self, y, weights: dict):
         """Map a batch shaped like the forward output back to one shaped like the forward input.
 
-        `weights` holds the model's constant tensors and the frozen tensors, by name.
+        `weights` maps names to the model's constant tensors and to the frozen tensors.
         """
         raise NotImplementedError
 
