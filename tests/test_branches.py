@@ -314,3 +314,17 @@ def test_residual_embed_extracts_from_renamed_copy(tmp_path):
     assert list(key.frozen) == ["s_relu"]
     assert summary["ssim_mean"] >= 0.8
     np.testing.assert_allclose(extraction.ssim, extract(summary["model"], key).ssim, atol=1e-6)
+
+
+def test_plan_graph_forks_at_concat(tmp_path):
+    nodes = [
+        helper.make_node("Relu", ["x"], ["left"], name="left"),
+        helper.make_node("Sigmoid", ["x"], ["right"], name="right"),
+        helper.make_node("Concat", ["left", "right"], ["y"], name="join", axis=-1),
+    ]
+    graph, plan = planned(save_model(tmp_path, nodes, [1, 6], {}), np.zeros((256, 6), np.float32))
+
+    steps = plan.as_networkx()
+
+    names = {index: steps.nodes[index]["forward_node"] for index in steps.nodes}
+    assert sorted((names[a], names[b]) for a, b in steps.edges) == [("join", "left"), ("join", "right")]
