@@ -224,6 +224,8 @@ def _training_config(options: EmbedOptions, trained: bool, teacher: bool):
 
 def _class_count(graph: ModelGraph) -> int:
     shape = graph.shapes[graph.logits_name]
+    if len(shape) > 1 and all(size == 1 for size in shape[1:]):
+        return shape[0]   # [classes, 1, 1] after a global pooling
     if len(shape) != 1:
         raise OnnxmarkError(f"{graph.path}: the logits '{graph.logits_name}' have shape {list(shape)} per "
                             "image; expected one vector of class scores")

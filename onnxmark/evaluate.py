@@ -22,6 +22,8 @@ def predict(model_bytes: bytes, inputs: np.ndarray) -> np.ndarray:
         if padding:
             chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), dtype)])
         (output,) = session.run([session.get_outputs()[0].name], {info.name: chunk})
+        if output.ndim > 2 and all(size == 1 for size in output.shape[2:]):
+            output = output.reshape(len(output), -1)   # [batch, classes, 1, 1] after a global pooling
         if output.ndim != 2:
             raise OnnxmarkError(f"The model's output has shape {output.shape}; expected [batch, classes]")
         predictions.append(output[:len(chunk) - padding].argmax(axis=1))

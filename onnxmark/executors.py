@@ -143,7 +143,9 @@ class ForwardExecutor:
     def __call__(self, inputs: torch.Tensor, batch_norm_training: bool = False) -> torch.Tensor:
         self.runner.batch_norm_training = batch_norm_training
         logits = self.runner.run([self.graph.logits_name], {self.graph.input_name: inputs})[self.graph.logits_name]
-        return logits.flatten(1)   # [N, classes], also for logits shaped [N, classes, 1, 1]
+        if logits.dim() > 2 and all(size == 1 for size in logits.shape[2:]):
+            logits = logits.flatten(1)   # [N, classes, 1, 1] after a global pooling -> [N, classes]
+        return logits
 
 
 class TransposedExecutor:

@@ -154,3 +154,29 @@ def test_embed_writes_external_data_beside_output(tmp_path):
     key = load_key(summary["key"])
     extraction = extract(summary["model"], key)
     assert extraction.model_sha256 == key.model_sha256
+
+
+def test_pooled_logits_embed_as_class_vectors(tmp_path):
+    """A classifier that ends in global pooling has logits [N, classes, 1, 1], as SqueezeNet does."""
+    from onnxmark.embed import EmbedOptions, embed
+
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["pooled"], name="pool"),
+        helper.make_node("Softmax", ["pooled"], ["y"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10, 1, 1])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (10, 1, 3, 3)).astype(np.float32), "w")])
+    path = tmp_path / "pooled.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+
+    summary = embed(path, EmbedOptions(data="digits", output_dir=tmp_path / "out", mode="scratch", epochs=1,
+                                       key_count=2, max_hardening_steps=50, held_out=300))
+
+    from onnxmark.keyfile import load_key
+
+    assert summary["accuracy_before"] is not None
+    assert load_key(summary["key"]).keys.shape == (2, 10)
