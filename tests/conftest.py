@@ -18,6 +18,19 @@ REAL_MNIST_MODELS = [
     "pytorch1.11_mnist_mlp_softmax.onnx",
 ]
 
+# Every model in ../shared/models.
+ALL_REAL_MODELS = [
+    *REAL_MNIST_MODELS,
+    "caffe2_squeezenet1.1_fp16.onnx",
+    "djl_mnist_mvn.onnx",
+    "keras2onnx_mnist_cnn_maxpool.onnx",
+    "keras2onnx_mnist_mlp_softmax.onnx",
+    "pytorch1.10_cifar10_resize.onnx",
+    "pytorch1.7_cifar10_imageclassifier.onnx",
+    "tf2onnx_gtsrb_43cls_nhwc.onnx",
+    "tf2onnx_traffic_classifier64_nhwc.onnx",
+]
+
 
 def real_model(name: str) -> Path:
     path = SHARED_MODELS / name

@@ -10,7 +10,8 @@ from onnxmark.executors import ForwardExecutor, ParameterStore, TransposedExecut
 from onnxmark.graph import import_graph
 from onnxmark.plan import build_plan
 from onnxmark.transposed_onnx import build_transposed_model, run_transposed
-from tests.conftest import FIXTURE_MODEL, REAL_MNIST_MODELS, real_model
+from onnxmark.frozen import record_frozen
+from tests.conftest import ALL_REAL_MODELS, FIXTURE_MODEL, REAL_MNIST_MODELS, real_model
 
 MODELS = ["fixture", *REAL_MNIST_MODELS]
 
@@ -19,11 +20,14 @@ def model_path(name):
     return FIXTURE_MODEL if name == "fixture" else real_model(name)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ["fixture", *ALL_REAL_MODELS])
 def test_torch_and_onnxruntime_extract_same_image(name):
     graph = import_graph(model_path(name))
     plan = build_plan(graph)
-    keys = np.random.default_rng(0).uniform(-10, 10, (11, plan.steps[0].output_shape[0])).astype(np.float32)
+    inputs = np.random.default_rng(2).uniform(0, 1, (256, *graph.input_dims)).astype(graph.input_dtype)
+    plan.frozen_values = record_frozen(plan, graph, inputs)
+    classes = int(np.prod(plan.steps[0].output_shape))
+    keys = np.random.default_rng(0).uniform(-10, 10, (11, classes)).astype(np.float32)
 
     from_onnx = run_transposed(build_transposed_model(plan, graph), keys)
     with torch.no_grad():
