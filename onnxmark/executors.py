@@ -17,7 +17,7 @@ from onnxmark.errors import OnnxmarkError
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.plan import Plan
 from onnxmark.rules.activation import activation_attributes, apply_activation
-from onnxmark.rules.padding import pad_widths
+from onnxmark.rules.padding import pad_widths, torch_pad_list
 from onnxmark.rules.resize import (
     axis_scales, nearest_indices, outside_positions, resize_inputs, resize_settings, resized_axes, sampling_matrix,
 )
@@ -191,20 +191,13 @@ def _explicit_pads(node: Node, spatial: int) -> tuple[list[int], list[int]]:
     return pads[:spatial], pads[spatial:]
 
 
-def _torch_pad(begins: list[int], ends: list[int]) -> list[int]:
-    pad = []
-    for begin, end in zip(reversed(begins), reversed(ends)):
-        pad += [begin, end]
-    return pad
-
-
 def _conv(runner, node, inputs):
     x, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
     spatial = weight.dim() - 2
     begins, ends = _explicit_pads(node, spatial)
     if any(begins) or any(ends):
-        x = F.pad(x, _torch_pad(begins, ends))
+        x = F.pad(x, torch_pad_list(begins, ends))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return conv(x, weight, bias, stride=node.attrs.get("strides", 1), dilation=node.attrs.get("dilations", 1),
                 groups=node.attrs.get("group", 1))
@@ -244,7 +237,7 @@ def _max_pool(runner, node, inputs):
     x = inputs[0]
     spatial, kernel, strides, dilations, begins, ends = _pool_geometry(node, x)
     if any(begins) or any(ends):
-        x = F.pad(x, _torch_pad(begins, ends), value=float("-inf"))
+        x = F.pad(x, torch_pad_list(begins, ends), value=float("-inf"))
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
     return pool(x, kernel, strides, 0, dilations, ceil_mode=bool(node.attrs.get("ceil_mode", 0)))
 
@@ -256,11 +249,11 @@ def _average_pool(runner, node, inputs):
     ceil_mode = bool(node.attrs.get("ceil_mode", 0))
     if not any(begins) and not any(ends):
         return pool(x, kernel, strides, 0, ceil_mode=ceil_mode)
-    padded = F.pad(x, _torch_pad(begins, ends))
+    padded = F.pad(x, torch_pad_list(begins, ends))
     total = pool(padded, kernel, strides, 0, ceil_mode=ceil_mode)
     if node.attrs.get("count_include_pad", 0):
         return total
-    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(begins, ends))
+    ones = F.pad(torch.ones_like(x[:1, :1]), torch_pad_list(begins, ends))
     return total / pool(ones, kernel, strides, 0, ceil_mode=ceil_mode)
 
 
@@ -420,12 +413,12 @@ def _pad(runner, node, inputs):
 
     mode = node.attrs.get("mode", "constant")
     if mode == "constant":
-        return F.pad(x, _torch_pad(begins, ends), value=value)
+        return F.pad(x, torch_pad_list(begins, ends), value=value)
     if mode not in TORCH_PAD_MODES:
         raise OnnxmarkError(f"{node.describe(runner.graph.opset)} uses the unknown Pad mode '{mode}'")
 
     # Negative pads crop first, because F.pad takes negative pads in constant mode only.
-    x = F.pad(x, _torch_pad([min(b, 0) for b in begins], [min(e, 0) for e in ends]))
+    x = F.pad(x, torch_pad_list([min(b, 0) for b in begins], [min(e, 0) for e in ends]))
     begins, ends = [max(b, 0) for b in begins], [max(e, 0) for e in ends]
     padded = [axis for axis in range(x.dim()) if begins[axis] or ends[axis]]
     if not padded:
@@ -435,7 +428,7 @@ def _pad(runner, node, inputs):
     if count > 3:
         raise OnnxmarkError(f"{node.describe(runner.graph.opset)}: torch cannot run {mode} padding of axis "
                             f"{padded[0]} of a rank-{x.dim()} tensor; it pads at most the last 3 axes in this mode")
-    return F.pad(x, _torch_pad(begins[-count:], ends[-count:]), mode=TORCH_PAD_MODES[mode])
+    return F.pad(x, torch_pad_list(begins[-count:], ends[-count:]), mode=TORCH_PAD_MODES[mode])
 
 
 def _resize(runner, node, inputs):

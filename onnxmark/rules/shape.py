@@ -5,6 +5,7 @@ import numpy as np
 
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.rules.base import Step, Unsupported, activation_input
+from onnxmark.rules.padding import torch_pad_list
 from onnxmark.rules.registry import register
 
 
@@ -51,8 +52,8 @@ def plan_transpose(node: Node, graph: ModelGraph) -> Step:
 class ZeroFillStep(Step):
     """Inverse of Gather and Slice: put the selected values back in place and zeros everywhere else.
 
-    attrs["restore_axis"] is the axis a scalar Gather removed (None when no axis was removed), and
-    attrs["margins"] lists (axis, before, after) counts of zeros per axis, axes counted with the batch.
+    attrs["restore_axis"] is the axis a scalar Gather removed (None when no axis was removed).
+    attrs["begins"] and attrs["ends"] count the zeros before and after on every axis, the batch axis first.
     """
 
     def run_torch(self, y, weights):
@@ -60,26 +61,25 @@ class ZeroFillStep(Step):
 
         if self.attrs["restore_axis"] is not None:
             y = y.unsqueeze(self.attrs["restore_axis"])
-        pad = []
-        for axis in reversed(range(1, y.dim())):
-            before, after = self._margin(axis)
-            pad += [before, after]
-        return F.pad(y, pad)
+        return F.pad(y, torch_pad_list(self.attrs["begins"][1:], self.attrs["ends"][1:]))
 
     def emit_onnx(self, builder, y):
         if self.attrs["restore_axis"] is not None:
             axes = builder.constant([self.attrs["restore_axis"]], "int64", "axes")
             y = builder.add("Unsqueeze", [y, axes])
-        rank = len(self.input_shape) + 1
-        margins = [self._margin(axis) for axis in range(rank)]
-        pads = builder.constant([m[0] for m in margins] + [m[1] for m in margins], "int64", "pads")
+        pads = builder.constant(self.attrs["begins"] + self.attrs["ends"], "int64", "pads")
         return builder.add("Pad", [y, pads], mode="constant")
 
-    def _margin(self, axis: int) -> tuple[int, int]:
-        for margin_axis, before, after in self.attrs["margins"]:
-            if margin_axis == axis:
-                return before, after
-        return 0, 0
+
+def _zero_fill(node: Node, graph: ModelGraph, source: str, restore_axis: int | None,
+               margins: list[tuple[int, int, int]]) -> ZeroFillStep:
+    """Build the step from (axis, zeros before, zeros after) per padded axis, axes counted with the batch."""
+    rank = len(graph.shapes[source]) + 1
+    begins, ends = [0] * rank, [0] * rank
+    for axis, before, after in margins:
+        begins[axis], ends[axis] = before, after
+    return ZeroFillStep(node, graph.shapes[source], graph.shapes[node.outputs[0]],
+                        attrs={"restore_axis": restore_axis, "begins": begins, "ends": ends})
 
 
 @register("Gather")
@@ -103,9 +103,7 @@ def plan_gather(node: Node, graph: ModelGraph) -> Step:
         first, count, restore_axis = int(indices[0]), len(indices), None
     else:
         raise Unsupported("only a scalar index or a run of consecutive indices can be put back")
-    margins = [(axis, first, size - first - count)]
-    return ZeroFillStep(node, input_shape, graph.shapes[node.outputs[0]],
-                        attrs={"restore_axis": restore_axis, "margins": margins})
+    return _zero_fill(node, graph, source, restore_axis, [(axis, first, size - first - count)])
 
 
 @register("Slice")
@@ -132,8 +130,7 @@ def plan_slice(node: Node, graph: ModelGraph) -> Step:
         start = min(max(start + size if start < 0 else start, 0), size)
         end = min(max(end + size if end < 0 else end, 0), size)
         margins.append((axis, start, size - max(end, start)))
-    return ZeroFillStep(node, input_shape, graph.shapes[node.outputs[0]],
-                        attrs={"restore_axis": None, "margins": margins})
+    return _zero_fill(node, graph, source, None, margins)
 
 
 def _int_input(node: Node, graph: ModelGraph, index: int) -> list[int] | None:
