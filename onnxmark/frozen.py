@@ -36,7 +36,8 @@ def record_frozen(plan: Plan, graph: ModelGraph, inputs: np.ndarray) -> dict[str
     batch = graph.recorded_batch if _batch_is_fixed(graph) else RECORDING_BATCH
     inputs = inputs[:RECORDING_LIMIT].astype(graph.input_dtype)
     if len(inputs) < batch:
-        raise OnnxmarkError(f"{graph.path}: recording the frozen branches needs at least {batch} inputs")
+        raise OnnxmarkError(f"{graph.path}: too few training inputs ({len(inputs)}) to record the frozen branches; "
+                            f"at least {batch} are needed, so pass more images with --data")
     sums = [np.zeros(graph.shapes[name], np.float64) for name in names]
     count = 0
     for start in range(0, len(inputs) - batch + 1, batch):

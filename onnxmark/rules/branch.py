@@ -2,9 +2,9 @@
 
 An element-wise node or MatMul of two activations follows one operand back and reads the other as a
 frozen tensor (its mean over real inputs, stored in the key): `c = a + b` becomes `a = c - mean(b)`.
-The followed operand is the one the plan can transpose back to the input; where both can be, it is the
-branch with more conv/linear layers since the two branches parted, so that the watermark runs through
-the residual branch of a ResNet block rather than its shortcut.
+The followed operand is the one the plan can transpose back to the input. Where both can be, it is the
+branch with more conv/linear layers since the two branches parted, so the watermark runs through the
+residual branch of a ResNet block rather than its shortcut.
 
 Concat is split back into its parts, and each part goes back along its own branch. Where the branches
 meet again, the transposed model adds their contributions.
@@ -120,18 +120,18 @@ def plan_frozen_operand(node: Node, graph: ModelGraph) -> Step:
 
 
 class SplitStep(Step):
-    """Inverse of Concat: split along the same axis; parts that were constants are dropped."""
+    """Inverse of Concat: a split along the same axis that drops the parts that were constants."""
 
     def run_torch(self, y, weights):
         import torch
 
         parts = torch.split(y, self.attrs["sizes"], dim=self.attrs["axis"])
-        return tuple(parts[i] for i in self.attrs["kept"])
+        return tuple(parts[i] for i in self.attrs["data_parts"])
 
     def emit_onnx(self, builder, y):
         sizes = builder.constant(self.attrs["sizes"], "int64", "split")
         parts = builder.add_multi("Split", [y, sizes], len(self.attrs["sizes"]), axis=self.attrs["axis"])
-        return [parts[i] for i in self.attrs["kept"]]
+        return [parts[i] for i in self.attrs["data_parts"]]
 
     def signature(self, graph):
         entry = super().signature(graph)
@@ -149,16 +149,16 @@ def plan_concat(node: Node, graph: ModelGraph) -> Step:
         raise Unsupported("it concatenates along the batch axis")
 
     parts = [name for name in node.inputs if name]
-    sizes, kept = [], []
+    sizes, data_parts = [], []
     for index, name in enumerate(parts):
         if graph.is_data(name):
             shape = graph.shapes[name]
-            kept.append(index)
+            data_parts.append(index)
         else:
             shape = graph.constant_value(name).shape[1:]
         sizes.append(int(shape[axis - 1]) if len(shape) >= axis else 0)
-    sources = tuple(parts[i] for i in kept)
+    sources = tuple(parts[i] for i in data_parts)
     if len(set(sources)) != len(sources):
         raise Unsupported("it concatenates the same activation more than once")
     return SplitStep(node, output_shape, output_shape, sources=sources,
-                     attrs={"axis": axis, "sizes": sizes, "kept": kept})
+                     attrs={"axis": axis, "sizes": sizes, "data_parts": data_parts})
