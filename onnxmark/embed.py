@@ -21,6 +21,7 @@ from onnxmark.frozen import record_frozen
 from onnxmark.graph import ModelGraph, import_graph, load_onnx
 from onnxmark.keyfile import Key, model_sha256
 from onnxmark.plan import build_plan, require_layers
+from onnxmark.restore import batch_norm_records, head_values
 from onnxmark.secrets import DEFAULT_SECRET_COUNT, default_texts, load_secret_image, render_text
 from onnxmark.writeback import model_files, uses_external_data, write_back
 
@@ -137,7 +138,8 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
 
         key = Key(keys=keys.astype(np.float32), secrets=secrets, input_spec=spec,
                   preprocessing=options.preprocessing, signature=plan.signature(graph),
-                  frozen=plan.frozen_values,
+                  frozen=plan.frozen_values, batch_norms=batch_norm_records(watermarked),
+                  head=head_values(watermarked),
                   model_sha256=model_sha256(watermarked), model_file=paths["model"].name,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   onnxmark_version=__version__)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from PIL import Image, ImageDraw, ImageFont
 
+from onnxmark.canonical import CanonicalModel, canonical_model
 from onnxmark.data import from_layout
 from onnxmark.errors import OnnxmarkError
 from onnxmark.files import OutputTransaction
@@ -41,6 +42,7 @@ class Extraction:
     secrets: np.ndarray    # [K, C, H, W]
     ssim: np.ndarray       # [K]
     mse: np.ndarray        # [K]
+    notes: list[str] = field(default_factory=list)   # rewrites of the suspect undone before extraction
 
     def summary(self, image_paths: list[str] | None = None) -> dict:
         keys = []
@@ -49,13 +51,24 @@ class Extraction:
             entry["image"] = image_paths[index] if image_paths else None
             keys.append(entry)
         return {"model": self.model, "model_sha256": self.model_sha256,
-                "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()), "keys": keys}
+                "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()), "notes": self.notes,
+                "keys": keys}
 
 
 def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None) -> Extraction:
-    """Extract the key's images from a suspect file (or an already loaded model of that file)."""
+    """Extract the key's images from a suspect file (or an already loaded model of that file).
+
+    The suspect is first brought into canonical float form: quantization, fused operators, fp16 weights and
+    folded batch norms are undone, and a classification head trained anew is replaced by the key's. The
+    notes of the result say which rewrites were undone.
+    """
     model = model if model is not None else load_onnx(suspect)
-    graph = import_graph(suspect, model)
+    canonical = canonical_model(model, key.batch_norms, key.head)
+    return _extract_canonical(suspect, key, canonical, model_sha256(model))
+
+
+def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel, digest: str) -> Extraction:
+    graph = import_graph(suspect, canonical.model)
     plan = build_plan(graph)
     check_signature(key.signature, plan.signature(graph), str(suspect))
     plan.frozen_values = _frozen_by_position(plan, graph, key)
@@ -65,9 +78,9 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None)
     pixels = key.preprocessing.to_pixels(from_layout(values, key.input_spec))
     images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
 
-    return Extraction(model=str(suspect), model_sha256=model_sha256(model),
-                      images=images, secrets=key.secrets,
-                      ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets))
+    return Extraction(model=str(suspect), model_sha256=digest, images=images, secrets=key.secrets,
+                      ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets),
+                      notes=list(canonical.notes))
 
 
 def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:

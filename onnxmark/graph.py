@@ -330,7 +330,12 @@ def _data_tensors(nodes: list[Node], input_name: str) -> set[str]:
 
 
 def _logits_name(graph: ModelGraph) -> str:
-    producer = graph.producer(graph.output_name)
+    """Return the tensor before a final Softmax/LogSoftmax, looking through casts after it (fp16 models)."""
+    tensor = graph.output_name
+    producer = graph.producer(tensor)
+    while producer is not None and producer.op_type in ("Cast", "Identity"):
+        tensor = producer.inputs[0]
+        producer = graph.producer(tensor)
     if producer is not None and producer.op_type in OUTPUT_NORMALISERS:
         return producer.inputs[0]
     return graph.output_name

@@ -15,6 +15,7 @@ import numpy as np
 
 from onnxmark.data import InputSpec, Preprocessing
 from onnxmark.errors import OnnxmarkError
+from onnxmark.restore import BATCH_NORM_ARRAYS
 from onnxmark.secrets import secret_from_png_bytes, secret_to_png_bytes
 
 KEY_FORMAT = "onnxmark-key"
@@ -35,6 +36,8 @@ class Key:
     created: str = ""
     onnxmark_version: str = ""
     frozen: dict[str, np.ndarray] = field(default_factory=dict)   # tensors recorded from forward passes
+    batch_norms: list[dict] = field(default_factory=list)   # batch norms after Convs, to undo their folding
+    head: list[np.ndarray] = field(default_factory=list)    # classification head weight (and bias)
 
     def to_json(self) -> str:
         document = {
@@ -50,6 +53,9 @@ class Key:
             "secrets": [base64.b64encode(secret_to_png_bytes(s)).decode("ascii") for s in self.secrets],
             "signature": self.signature,
             "frozen": {name: _encode_array(value) for name, value in self.frozen.items()},
+            "batch_norms": [{name: _encode_array(value) if isinstance(value, np.ndarray) else value
+                             for name, value in record.items()} for record in self.batch_norms],
+            "head": [_encode_array(value) for value in self.head],
         }
         return json.dumps(document, indent=1) + "\n"
 
@@ -77,6 +83,8 @@ class Key:
                 created=document.get("created", ""),
                 onnxmark_version=document.get("onnxmark_version", ""),
                 frozen={name: _decode_array(value) for name, value in document.get("frozen", {}).items()},
+                batch_norms=[_decode_batch_norm(record) for record in document.get("batch_norms", [])],
+                head=[_decode_array(value) for value in document.get("head", [])],
             )
         except (KeyError, TypeError, ValueError) as error:
             raise OnnxmarkError(f"{source} is not a valid key file: missing or invalid field ({error})") from error
@@ -111,6 +119,13 @@ def model_sha256(model) -> str:
         if initializer.data_location == onnx.TensorProto.DEFAULT:
             initializer.ClearField("data_location")
     return sha256_bytes(canonical.SerializeToString())
+
+
+def _decode_batch_norm(record: dict) -> dict:
+    decoded = {name: _decode_array(record[name]) for name in BATCH_NORM_ARRAYS}
+    decoded["layer_index"] = int(record["layer_index"])
+    decoded["epsilon"] = float(record["epsilon"])
+    return decoded
 
 
 def _encode_array(value: np.ndarray) -> str:

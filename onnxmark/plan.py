@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 from onnxmark.errors import OnnxmarkError
 from onnxmark.graph import ModelGraph, Node
@@ -163,8 +164,48 @@ def _activation_inputs(node: Node, graph: ModelGraph) -> list[str]:
     return [name for name in node.inputs if name and graph.is_data(name)]
 
 
+# Steps that pass an activation through unchanged, which optimizers and converters add or remove freely.
+PASS_THROUGH_OPS = {"Identity", "Dropout", "Cast"}
+LINEAR_OPS = {"Gemm", "MatMul"}
+SHAPE_OPS = {"Flatten": "Reshape"}
+
+
+def structural_form(signature: list[dict]) -> list[dict]:
+    """Reduce a plan signature to the structure that survives rewrites which keep a model's function.
+
+    Identity-like steps are dropped, Gemm and MatMul become one "linear" entry described by its input and
+    output shapes (a MatMul's weight is the transpose of a Gemm's), and a constant bias Add right after a
+    linear layer or a Conv is folded into that layer, as Gemm and Conv carry it themselves.
+    """
+    form: list[dict] = []
+    for entry in signature:
+        op = entry["op"]
+        if op in PASS_THROUGH_OPS:
+            continue
+        if op in LINEAR_OPS or op == "Conv":
+            if form and _is_bias_add(form[-1], entry):
+                form.pop()
+            reduced = {"op": "linear" if op in LINEAR_OPS else op,
+                       "input_shape": entry["input_shape"], "output_shape": entry["output_shape"]}
+            if op == "Conv":
+                reduced["weight_shapes"] = entry["weight_shapes"][:1]
+            form.append(reduced)
+            continue
+        form.append({**entry, "op": SHAPE_OPS.get(op, op)})
+    return form
+
+
+def _is_bias_add(previous: dict, layer: dict) -> bool:
+    """Whether `previous` (the next step forward) adds one constant to this layer's output."""
+    return (previous["op"] == "Add" and len(previous["weight_shapes"]) == 1
+            and previous["input_shape"] == layer["output_shape"]
+            and int(np.prod(previous["weight_shapes"][0])) == layer["output_shape"][0]
+            and "frozen_shapes" not in previous)
+
+
 def check_signature(expected: list[dict], actual: list[dict], suspect: str) -> None:
     """Raise OnnxmarkError when a suspect's plan does not have the structure the key was made for."""
+    expected, actual = structural_form(expected), structural_form(actual)
     if len(expected) != len(actual):
         raise OnnxmarkError(
             f"The key does not fit {suspect}: the key expects {len(expected)} transposed layers, "
@@ -178,5 +219,5 @@ def check_signature(expected: list[dict], actual: list[dict], suspect: str) -> N
 
 
 def _describe(entry: dict) -> str:
-    return (f"{entry['op']} {entry['output_shape']} -> {entry['input_shape']} "
-            f"with weights {entry['weight_shapes']}")
+    weights = f" with weights {entry['weight_shapes']}" if entry.get("weight_shapes") else ""
+    return f"{entry['op']} {entry['output_shape']} -> {entry['input_shape']}{weights}"

@@ -8,9 +8,13 @@ from __future__ import annotations
 import functools
 import math
 
+from onnx import TensorProto
+
 from onnxmark.graph import ModelGraph, Node
 from onnxmark.rules.base import Step, Unsupported, activation_input
 from onnxmark.rules.registry import register
+
+FLOAT_TENSOR_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 # Attribute defaults of the element-wise activations, as in the ONNX operator specification (opsets 6-22).
 ATTRIBUTE_DEFAULTS: dict[str, dict] = {
@@ -190,6 +194,15 @@ def _scalar_input(node: Node, graph: ModelGraph, index: int) -> float | None:
     if value.size != 1:
         raise Unsupported(f"its bound '{node.inputs[index]}' has shape {list(value.shape)}, not a scalar")
     return float(value.reshape(()))
+
+
+@register("Cast")
+def plan_cast(node: Node, graph: ModelGraph) -> Step:
+    # A cast between float types changes only the precision, so the transposed step passes y through.
+    if node.attrs.get("to") not in FLOAT_TENSOR_TYPES:
+        raise Unsupported(f"it casts an activation to the non-float type {node.attrs.get('to')}")
+    source = activation_input(node, graph)
+    return IdentityStep(node, graph.shapes[source], graph.shapes[node.outputs[0]])
 
 
 @register("Dropout", "Identity")
