@@ -193,6 +193,7 @@ def extract(suspect, key_path, output_dir, force, as_json):
              f"{len(summary['keys'])} keys"]
     lines += [f"  key {k['index']:2d}: SSIM {k['ssim']:.3f}  MSE {k['mse']:.4f}  {k['image']}" for k in summary["keys"]]
     lines.append(f"side-by-side sheet: {summary['sheet']}")
+    lines += [f"note: {note}" for note in summary["notes"]]
     _print_result(summary, as_json, lines)
 
 

@@ -174,6 +174,14 @@ def head_values(model: onnx.ModelProto) -> list[np.ndarray]:
     return values
 
 
+def _fits_body(own: tuple[int, ...], stored: tuple[int, ...], node: onnx.NodeProto) -> bool:
+    """Whether a stored head weight reads the same features as the suspect's: all axes but the class axis agree."""
+    if len(own) != len(stored):
+        return False
+    class_axis = 1 if len(own) == 2 and _weight_is_input_major(node) else 0
+    return all(a == b for axis, (a, b) in enumerate(zip(own, stored)) if axis != class_axis)
+
+
 def restore_head(model: onnx.ModelProto, head: list[np.ndarray]) -> list[str]:
     """Put the key's classification head into the model, in place, where the suspect's head is a new one.
 
@@ -189,13 +197,13 @@ def restore_head(model: onnx.ModelProto, head: list[np.ndarray]) -> list[str]:
     if head[0].ndim == 2 and _weight_is_input_major(node):
         head[0] = np.ascontiguousarray(head[0].T)
     shapes = [tuple(initializers[name].dims) for name in names]
+    if not _fits_body(shapes[0], head[0].shape, node):
+        return []
     if shapes[0] == head[0].shape:
         own = numpy_helper.to_array(initializers[names[0]]).astype(np.float32)
         distance = float(np.linalg.norm(own - head[0]) / max(np.linalg.norm(head[0]), 1e-12))
         if distance <= HEAD_REPLACED_DISTANCE:
             return []
-    if [len(shape) for shape in shapes] != [value.ndim for value in head]:
-        return []
 
     for name, value in zip(names, head):
         initializers[name].CopyFrom(numpy_helper.from_array(value, name))
