@@ -326,11 +326,11 @@ def verify(key_path, public_key_path, signature_path, commitment, as_json):
     from onnxmark.commitment import load_public_key, load_signature, parse_commitment, verify_key
     from onnxmark.keyfile import load_key
 
-    if public_key_path is None and commitment is None:
-        raise click.UsageError("Give --public-key (with --signature) or --commitment to check the key against.")
     if signature_path is not None and public_key_path is None:
         raise click.UsageError("--signature needs --public-key: a signature proves nothing without the signer's "
                                "public key.")
+    if public_key_path is None and commitment is None:
+        raise click.UsageError("Give --public-key (with --signature) or --commitment to check the key against.")
 
     key = load_key(key_path)
     expected = parse_commitment(commitment, "--commitment") if commitment is not None else None
