@@ -322,7 +322,7 @@ def sign(key_path, private_key_path, signature_path, force, as_json):
               help="A published commitment (64 hex digits) to compare the key with.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def verify(key_path, public_key_path, signature_path, commitment, as_json):
-    """Check that KEY still matches a signed or published commitment; exit 1 when it is tampered."""
+    """Check that KEY still matches a signed or published commitment. Exit with status 1 when it does not."""
     from onnxmark.commitment import load_public_key, load_signature, parse_commitment, verify_key
     from onnxmark.keyfile import load_key
 

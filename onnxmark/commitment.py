@@ -4,7 +4,7 @@ A commitment is the SHA-256 of a canonical form of a key: every field the key re
 arrays replaced by the SHA-256 of their raw little-endian bytes. It does not depend on JSON whitespace,
 field order or how the PNG secrets are compressed. Published or timestamped before a dispute, it shows later
 that the key was not changed. Because it covers the random key vectors, the commitment reveals nothing
-about the key. A signature file holds an Ed25519 signature over the commitment. docs/key-format.md
+about the key. A signature file contains an Ed25519 signature over the commitment. docs/key-format.md
 describes both.
 """
 from __future__ import annotations
@@ -136,9 +136,7 @@ def load_private_key(path: str | Path, passphrase: str | None = None) -> Ed25519
     except ValueError as error:
         hint = "the passphrase is wrong or the file is corrupt" if encrypted else "it is not a valid PEM private key"
         raise OnnxmarkError(f"Failed to load the private key {path}: {hint} ({error})") from None
-    except TypeError as error:
-        raise OnnxmarkError(f"Failed to load the private key {path}: {error}") from None
-    except UnsupportedAlgorithm as error:
+    except (TypeError, UnsupportedAlgorithm) as error:
         raise OnnxmarkError(f"Failed to load the private key {path}: {error}") from None
 
     if not isinstance(private_key, Ed25519PrivateKey):
@@ -164,14 +162,14 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return public_key
 
 
-def _read_pem(path: str | Path, what: str) -> bytes:
+def _read_pem(path: str | Path, description: str) -> bytes:
     path = Path(path)
     if not path.is_file():
-        raise OnnxmarkError(f"{what} file not found: {path}")
+        raise OnnxmarkError(f"{description} file not found: {path}")
     try:
         return path.read_bytes()
     except OSError as error:
-        raise OnnxmarkError(f"Failed to read {what.lower()} file {path}: {error}") from None
+        raise OnnxmarkError(f"Failed to read the {description.lower()} file {path}: {error}") from None
 
 
 # Signature files.
@@ -221,11 +219,11 @@ def load_signature(path: str | Path) -> SignatureFile:
     if not isinstance(document, dict) or document.get("format") != SIGNATURE_FORMAT:
         raise OnnxmarkError(f"{path} is not an onnxmark signature file (no \"format\": \"{SIGNATURE_FORMAT}\")")
     if document.get("version") != SIGNATURE_FORMAT_VERSION:
-        raise OnnxmarkError(f"{path} has signature format version {document.get('version')}; this onnxmark "
-                            f"reads version {SIGNATURE_FORMAT_VERSION}")
+        raise OnnxmarkError(f"{path} has signature format version {document.get('version')}, but this "
+                            f"onnxmark reads only version {SIGNATURE_FORMAT_VERSION}")
     if document.get("algorithm") != SIGNATURE_ALGORITHM or document.get("commitment_scheme") != COMMITMENT_SCHEME:
         raise OnnxmarkError(f"{path} uses algorithm {document.get('algorithm')!r} over commitment scheme "
-                            f"{document.get('commitment_scheme')!r}; this onnxmark checks only "
+                            f"{document.get('commitment_scheme')!r}, but this onnxmark checks only "
                             f"{SIGNATURE_ALGORITHM} over {COMMITMENT_SCHEME}")
 
     commitment = parse_commitment(str(document.get("commitment", "")), f"commitment in {path}")

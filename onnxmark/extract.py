@@ -50,7 +50,7 @@ class Extraction:
 
     @property
     def psnr(self) -> np.ndarray:
-        """PSNR in dB per key for pixels in [0, 1]; infinite where the image equals the secret."""
+        """PSNR in dB per key for pixels in [0, 1], infinite where the image equals the secret."""
         with np.errstate(divide="ignore"):
             return 10.0 * np.log10(1.0 / np.asarray(self.mse, dtype=np.float64))
 
@@ -154,7 +154,7 @@ def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:
 
 def write_evidence(extraction: Extraction, folder: Path, transaction: OutputTransaction, key: Key | None = None,
                    key_path: str | Path | None = None, reference: Reference | None = None) -> dict:
-    """Write one PNG per key, the side-by-side sheet, report.html and scores.json; return the summary with the paths.
+    """Write keyNN.png per key, sheet.png, report.html and scores.json, and return the summary with the paths.
 
     With `key`, the report shows the key's commitment and the model hash it records. With `key_path`, it also
     shows the key file's SHA-256. With `reference`, it shows the images the key extracts from that model.

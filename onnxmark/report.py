@@ -1,7 +1,7 @@
 """The evidence report: one self-contained HTML file that shows each secret next to the extracted images.
 
 Images are embedded as PNG data URIs and the style sheet is inline, so the file opens anywhere, offline,
-and prints as it shows. The report reads its text from the extraction summary; optional fields (p-values,
+and prints as it looks on screen. The report reads its text from the extraction summary; optional fields (p-values,
 a reference model) appear only when the summary has them.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def to_pil(image: np.ndarray, zoom: int = 1) -> Image.Image:
 
 
 def format_psnr(psnr: float | None) -> str:
-    """Format a PSNR in dB; None stands for identical images (MSE 0)."""
+    """Format a PSNR in dB, where None means identical images (MSE 0)."""
     return "PSNR inf (identical)" if psnr is None else f"PSNR {psnr:.1f} dB"
 
 
@@ -155,8 +155,8 @@ def _images_table(summary: dict, secrets: np.ndarray, images: np.ndarray,
                  _image_cell(images[index], zoom, f"key {index}: image extracted from the suspect",
                              _scores(entry))]
         if reference_images is not None:
-            cells.append(_image_cell(reference_images[index], zoom,
-                                     f"key {index}: image extracted from the reference", _scores(reference_keys[index])))
+            cells.append(_image_cell(reference_images[index], zoom, f"key {index}: image extracted from the reference",
+                                     _scores(reference_keys[index])))
         lines.append("<tr>" + "".join(cells) + "</tr>")
 
     lines += ["</tbody>", "</table>"]

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -261,12 +262,12 @@ def test_sign_does_not_overwrite_signature(key_copy, signing_pair):
     signature_path.write_text("an older signature\n")
 
     again = onnxmark("key", "sign", key_copy, "--private-key", private_path, check=False)
-    kept = signature_path.read_text()
+    content_after_rejection = signature_path.read_text()
     forced = onnxmark("key", "sign", key_copy, "--private-key", private_path, "-o", signature_path, "--force")
 
     assert again.returncode == 2
     assert "--force" in again.stderr
-    assert kept == "an older signature\n"
+    assert content_after_rejection == "an older signature\n"
     assert forced.returncode == 0
     assert json.loads(signature_path.read_text())["commitment"] == commit(key_copy)
 
@@ -288,6 +289,20 @@ def test_encrypted_private_key(key_copy, tmp_path):
     assert "passphrase is wrong" in wrong.stderr
     assert right.returncode == 0, right.stderr
     assert verified.stdout.startswith("valid:")
+
+
+def test_openssl_key_pair(key_copy, tmp_path):
+    """A key pair made by `openssl genpkey -algorithm ed25519` signs and verifies."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    private_path, public_path = tmp_path / "openssl.pem", tmp_path / "openssl.pub.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", private_path], check=True)
+    subprocess.run(["openssl", "pkey", "-in", private_path, "-pubout", "-out", public_path], check=True)
+
+    onnxmark("key", "sign", key_copy, "--private-key", private_path)
+    result = onnxmark("key", "verify", key_copy, "--public-key", public_path)
+
+    assert result.stdout.startswith("valid:")
 
 
 BAD_PEMS = {

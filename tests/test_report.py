@@ -255,16 +255,16 @@ CHROMIUM_OFFLINE_FLAGS = ["--disable-background-networking", "--disable-componen
 SCREENSHOT_SIZE = (1000, 2200)
 
 
-def chromium() -> str:
-    for name in CHROMIUM_NAMES:
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("Chromium is not installed (apt-get install chromium)")
+def find_chromium() -> str | None:
+    return next((path for path in map(shutil.which, CHROMIUM_NAMES) if path), None)
+
+
+needs_chromium = pytest.mark.skipif(find_chromium() is None,
+                                    reason="Chromium is not installed (apt-get install chromium)")
 
 
 def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    command = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--force-device-scale-factor=1", f"--user-data-dir={tmp_path / 'profile'}", *CHROMIUM_OFFLINE_FLAGS,
                *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -303,6 +303,7 @@ def _find_tile(page: np.ndarray, tile: np.ndarray, tolerance: int = 3) -> tuple[
     return None
 
 
+@needs_chromium
 def test_screenshot_shows_every_image(evidence, tmp_path):
     folder, _ = evidence
     page = screenshot(folder / "report.html", tmp_path)
@@ -319,6 +320,7 @@ def test_screenshot_shows_every_image(evidence, tmp_path):
         assert columns == sorted(columns), f"key {index}: columns out of order: {places}"
 
 
+@needs_chromium
 def test_screenshot_without_images_fails_the_check(evidence, tmp_path):
     """The screenshot check finds nothing in a report whose images were removed."""
     folder, _ = evidence
@@ -331,11 +333,13 @@ def test_screenshot_without_images_fails_the_check(evidence, tmp_path):
     assert _find_tile(page, first_secret) is None
 
 
+@needs_chromium
 def test_printed_report_keeps_images(evidence, tmp_path):
     """Printing to PDF keeps every image: one image object per picture in the report."""
     folder, _ = evidence
     pdf = tmp_path / "report.pdf"
-    run_chromium(tmp_path, f"--print-to-pdf={pdf}", "--no-pdf-header-footer", (folder / "report.html").resolve().as_uri())
+    report = (folder / "report.html").resolve().as_uri()
+    run_chromium(tmp_path, f"--print-to-pdf={pdf}", "--no-pdf-header-footer", report)
     data = pdf.read_bytes()
 
     assert data.startswith(b"%PDF")
