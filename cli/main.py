@@ -227,7 +227,11 @@ def key_group():
 @click.argument("key_path", metavar="KEY", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def commit(key_path, as_json):
-    """Print the SHA-256 commitment of KEY, to publish or timestamp before any dispute."""
+    """Print the SHA-256 commitment of KEY.
+
+    Publish or timestamp the commitment before any dispute, so that `key verify` can show later that KEY is
+    unchanged.
+    """
     from onnxmark.commitment import COMMITMENT_SCHEME, key_commitment
     from onnxmark.extract import file_sha256
     from onnxmark.keyfile import load_key
@@ -248,7 +252,10 @@ def commit(key_path, as_json):
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def keygen(private_key_path, public_key_path, encrypt, force, as_json):
-    """Generate an Ed25519 key pair for signing commitments: PRIVATE_KEY (owner-only PEM) and its public key."""
+    """Generate an Ed25519 key pair for signing commitments.
+
+    Writes PRIVATE_KEY (PKCS#8 PEM, readable only by its owner) and the public key (SubjectPublicKeyInfo PEM).
+    """
     from onnxmark.commitment import PASSPHRASE_ENV, generate_key_pair
     from onnxmark.files import OutputTransaction
 
@@ -293,7 +300,10 @@ def _prompt_passphrase(confirm: bool) -> str:
 @click.option("--force", is_flag=True, help="Overwrite an existing signature file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def sign(key_path, private_key_path, signature_path, force, as_json):
-    """Sign the commitment of KEY with an Ed25519 private key and write a signature file."""
+    """Sign the commitment of KEY and write a signature file.
+
+    Anyone with the public key can then check with `key verify` that KEY is the key that was signed.
+    """
     from onnxmark.commitment import (PASSPHRASE_ENV, load_private_key, private_key_is_encrypted, sign_key,
                                      signature_to_json)
     from onnxmark.files import write_text_atomic

@@ -17,6 +17,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from onnxmark.extract import Extraction, sheet_png, write_evidence
+from onnxmark.files import OutputTransaction
+from onnxmark.report import render_report
 from tests.conftest import FIXTURE_MODEL
 from tests.test_cli import last_json, onnxmark
 
@@ -43,7 +46,7 @@ def evidence(embedded, tmp_path_factory):
 
 
 class ImageCollector(HTMLParser):
-    """Collects every tag name and the src and alt of every img in an HTML document."""
+    """HTML parser that records every tag name and the attributes of every img."""
 
     def __init__(self):
         super().__init__()
@@ -246,6 +249,51 @@ def test_missing_key_file(embedded, tmp_path):
     assert not (tmp_path / "evidence").exists()
 
 
+def rgb_extraction(rng) -> Extraction:
+    secrets = rng.uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    images = np.clip(secrets + rng.normal(0, 0.1, secrets.shape), 0, 1).astype(np.float32)
+    mse = ((images - secrets) ** 2).reshape(2, -1).mean(axis=1)
+    return Extraction(model="rgb.onnx", model_sha256="0" * 64, images=images, secrets=secrets,
+                      ssim=np.array([0.8, 0.7]), mse=mse)
+
+
+def test_report_of_rgb_images(tmp_path):
+    """Colour images keep their colours in the report, scaled up 4 times from 32x32."""
+    extraction = rgb_extraction(np.random.default_rng(0))
+    with OutputTransaction(force=False) as transaction:
+        write_evidence(extraction, tmp_path, transaction)
+    images = [decode_data_uri(image["src"]) for image in parse_report(tmp_path / "report.html").images]
+
+    assert len(images) == 4
+    for index in range(2):
+        expected_secret = np.rint(extraction.secrets[index].transpose(1, 2, 0) * 255).astype(np.uint8)
+        expected_image = np.rint(extraction.images[index].transpose(1, 2, 0) * 255).astype(np.uint8)
+        assert np.array_equal(images[2 * index][::4, ::4], expected_secret)
+        assert np.array_equal(images[2 * index + 1][::4, ::4], expected_image)
+
+
+def test_optional_statistics_rendered_when_present():
+    """p-values, z-scores and the wrong-secret control appear only when the summary has them."""
+    extraction = rgb_extraction(np.random.default_rng(1))
+    plain = extraction.summary()
+    with_statistics = extraction.summary()
+    with_statistics["p_value"] = 3.2e-9
+    for entry in with_statistics["keys"]:
+        entry.update(p_value=1.5e-5, z_score=6.31, control_ssim=0.0123)
+
+    plain_text = render_report(plain, extraction.secrets, extraction.images)
+    text = render_report(with_statistics, extraction.secrets, extraction.images)
+
+    assert "Combined p-value 3.20e-09" in text
+    assert "p-value 1.50e-05" in text
+    assert "z-score 6.3" in text
+    assert "SSIM with a wrong secret 0.012" in text
+    assert "p-value" not in plain_text
+    assert "z-score" not in plain_text
+    assert "wrong secret" not in plain_text
+    assert sheet_png(extraction, with_statistics) != sheet_png(extraction, plain)
+
+
 # Chromium, headless: the report as a reader sees it.
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -321,8 +369,8 @@ def test_screenshot_shows_every_image(evidence, tmp_path):
 
 
 @needs_chromium
-def test_screenshot_without_images_fails_the_check(evidence, tmp_path):
-    """The screenshot check finds nothing in a report whose images were removed."""
+def test_screenshot_of_broken_images(evidence, tmp_path):
+    """The screenshot check finds nothing in a report whose image data is corrupt."""
     folder, _ = evidence
     text = (folder / "report.html").read_text(encoding="utf-8")
     broken = tmp_path / "broken.html"
