@@ -79,7 +79,7 @@ def render_report(summary: dict, secrets: np.ndarray, images: np.ndarray,
         f"<p>{_verdict(summary)}</p>",
         _facts_table(summary),
         "<h2>Images per key</h2>",
-        _legend(summary, reference_images is not None),
+        _legend(reference_images is not None),
         _images_table(summary, secrets, images, reference_images, zoom),
         "</body>",
         "</html>",
@@ -129,15 +129,13 @@ def _facts_table(summary: dict) -> str:
     return '<table class="facts">\n' + "\n".join(lines) + "\n</table>"
 
 
-def _legend(summary: dict, with_reference: bool) -> str:
+def _legend(with_reference: bool) -> str:
     text = ("Secret: the image embedded with the key. Suspect: the image the same key extracts from the "
             "suspect's weights. ")
     if with_reference:
         text += "Reference: the image it extracts from the reference model. "
     text += ("SSIM is 1 for identical images and near 0 for unrelated ones. MSE and PSNR compare pixels in "
              "[0, 1] with the secret.")
-    if any("p_value" in entry for entry in summary["keys"]):
-        text += " The p-value is the chance of an SSIM this high from a model that was never watermarked."
     return f'<p class="note">{_text(text)}</p>'
 
 
