@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from onnxmark import __version__
 from onnxmark.errors import OnnxmarkError
 
 EXIT_USER_ERROR = 2
+EXIT_VERIFICATION_FAILED = 1  # the check ran, and the key is tampered or the signature is invalid
 
 
 class OnnxmarkGroup(click.Group):
@@ -175,26 +177,185 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
 @click.argument("suspect", type=click.Path(path_type=Path))
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Key file written by embed.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("evidence"),
-              show_default=True, help="Folder for the extracted images, sheet.png and scores.json.")
+              show_default=True,
+              help="Folder for the extracted images, sheet.png, report.html and scores.json.")
+@click.option("--reference", "reference_path", type=click.Path(path_type=Path), default=None,
+              help="Reference model (for example the original, or one trained independently) to run the same "
+                   "key on; its images appear beside the suspect's.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def extract(suspect, key_path, output_dir, force, as_json):
+def extract(suspect, key_path, output_dir, reference_path, force, as_json):
     """Extract the watermark images that KEY produces from SUSPECT."""
-    from onnxmark.extract import extract as extract_images, write_evidence
+    from onnxmark.extract import extract as extract_images, extract_reference, write_evidence
     from onnxmark.files import OutputTransaction
     from onnxmark.keyfile import load_key
+    from onnxmark.report import format_psnr
 
     key = load_key(key_path)
     with OutputTransaction(force=force) as transaction:
         extraction = extract_images(suspect, key)
-        summary = write_evidence(extraction, output_dir, transaction)
+        reference = extract_reference(reference_path, key) if reference_path is not None else None
+        summary = write_evidence(extraction, output_dir, transaction, key=key, key_path=key_path,
+                                 reference=reference)
 
     lines = [f"{suspect}: mean SSIM {summary['ssim_mean']:.3f} (min {summary['ssim_min']:.3f}) over "
              f"{len(summary['keys'])} keys"]
-    lines += [f"  key {k['index']:2d}: SSIM {k['ssim']:.3f}  MSE {k['mse']:.4f}  {k['image']}" for k in summary["keys"]]
+    lines += [f"  key {k['index']:2d}: SSIM {k['ssim']:.3f}  MSE {k['mse']:.4f}  {format_psnr(k['psnr'])}  {k['image']}"
+              for k in summary["keys"]]
+    lines += _reference_lines(summary["reference"])
+    lines.append(f"key commitment: {summary['key_commitment']}")
     lines.append(f"side-by-side sheet: {summary['sheet']}")
+    lines.append(f"report: {summary['report']}")
     lines += [f"note: {note}" for note in summary["notes"]]
     _print_result(summary, as_json, lines)
+
+
+def _reference_lines(reference: dict | None) -> list[str]:
+    if reference is None:
+        return []
+    if reference["mismatch"]:
+        return [f"reference {reference['model']}: structure differs, the key does not apply. {reference['mismatch']}"]
+    return [f"reference {reference['model']}: mean SSIM {reference['ssim_mean']:.3f} "
+            f"(min {reference['ssim_min']:.3f})"]
+
+
+@main.group(name="key")
+def key_group():
+    """Commit to a key, sign the commitment and verify a key against it."""
+
+
+@key_group.command()
+@click.argument("key_path", metavar="KEY", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def commit(key_path, as_json):
+    """Print the SHA-256 commitment of KEY.
+
+    Publish or timestamp the commitment before any dispute, so that `key verify` can show later that KEY is
+    unchanged.
+    """
+    from onnxmark.commitment import COMMITMENT_SCHEME, key_commitment
+    from onnxmark.extract import file_sha256
+    from onnxmark.keyfile import load_key
+
+    commitment = key_commitment(load_key(key_path))
+    result = {"key": str(key_path), "commitment": commitment, "scheme": COMMITMENT_SCHEME,
+              "key_sha256": file_sha256(key_path)}
+    _print_result(result, as_json, [commitment])
+
+
+@key_group.command()
+@click.argument("private_key_path", metavar="PRIVATE_KEY", type=click.Path(path_type=Path))
+@click.option("--public-key", "public_key_path", type=click.Path(path_type=Path), default=None,
+              help="Where to write the public key (default: PRIVATE_KEY with .pub.pem in place of .pem).")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt the private key with a passphrase, read from the environment variable "
+                   "ONNXMARK_KEY_PASSPHRASE or asked for in the terminal.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def keygen(private_key_path, public_key_path, encrypt, force, as_json):
+    """Generate an Ed25519 key pair for signing commitments.
+
+    Writes PRIVATE_KEY (PKCS#8 PEM, readable only by its owner) and the public key (SubjectPublicKeyInfo PEM).
+    """
+    from onnxmark.commitment import PASSPHRASE_ENV, generate_key_pair
+    from onnxmark.files import OutputTransaction
+
+    if public_key_path is None:
+        public_key_path = _public_key_path(private_key_path)
+    if public_key_path.absolute() == private_key_path.absolute():
+        raise click.UsageError("The public key needs another path than the private key.")
+    passphrase = None
+    if encrypt:
+        passphrase = os.environ.get(PASSPHRASE_ENV) or _prompt_passphrase(confirm=True)
+
+    pair = generate_key_pair(passphrase)
+    with OutputTransaction(force=force) as transaction:
+        transaction.write_bytes(private_key_path, pair.private_pem, private=True)
+        transaction.write_bytes(public_key_path, pair.public_pem)
+
+    result = {"private_key": str(private_key_path), "public_key": str(public_key_path),
+              "public_key_sha256": pair.fingerprint, "encrypted": passphrase is not None}
+    _print_result(result, as_json, [f"private key: {private_key_path} (keep it secret)",
+                                    f"public key:  {public_key_path} (SHA-256 {pair.fingerprint})"])
+
+
+def _public_key_path(private_key_path: Path) -> Path:
+    name = private_key_path.name.removesuffix(".pem")
+    return private_key_path.with_name(f"{name}.pub.pem")
+
+
+def _prompt_passphrase(confirm: bool) -> str:
+    from onnxmark.commitment import PASSPHRASE_ENV
+
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"No terminal to ask for the passphrase: set the environment variable {PASSPHRASE_ENV}.")
+    return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+@key_group.command()
+@click.argument("key_path", metavar="KEY", type=click.Path(path_type=Path))
+@click.option("--private-key", "private_key_path", required=True, type=click.Path(path_type=Path),
+              help="Ed25519 private key in PEM, as `onnxmark key keygen` writes it.")
+@click.option("-o", "--output", "signature_path", type=click.Path(path_type=Path), default=None,
+              help="Signature file to write (default: KEY.sig, for example key.json.sig).")
+@click.option("--force", is_flag=True, help="Overwrite an existing signature file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def sign(key_path, private_key_path, signature_path, force, as_json):
+    """Sign the commitment of KEY and write a signature file.
+
+    Anyone with the public key can then check with `key verify` that KEY is the key that was signed.
+    """
+    from onnxmark.commitment import (PASSPHRASE_ENV, load_private_key, private_key_is_encrypted, sign_key,
+                                     signature_to_json)
+    from onnxmark.files import write_text_atomic
+    from onnxmark.keyfile import load_key
+
+    key = load_key(key_path)
+    passphrase = None
+    if private_key_is_encrypted(private_key_path):
+        passphrase = os.environ.get(PASSPHRASE_ENV) or _prompt_passphrase(confirm=False)
+    document = sign_key(key, load_private_key(private_key_path, passphrase), key_file=key_path.name)
+
+    signature_path = signature_path or key_path.with_name(key_path.name + ".sig")
+    write_text_atomic(signature_path, signature_to_json(document), force=force)
+    result = {"key": str(key_path), "signature": str(signature_path), "commitment": document["commitment"],
+              "public_key_sha256": document["public_key_sha256"]}
+    _print_result(result, as_json, [f"commitment: {document['commitment']}", f"signature:  {signature_path}"])
+
+
+@key_group.command()
+@click.argument("key_path", metavar="KEY", type=click.Path(path_type=Path))
+@click.option("--public-key", "public_key_path", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 public key in PEM of whoever signed the commitment.")
+@click.option("--signature", "signature_path", type=click.Path(path_type=Path), default=None,
+              help="Signature file (default with --public-key: KEY.sig).")
+@click.option("--commitment", "commitment", default=None,
+              help="A published commitment (64 hex digits) to compare the key with.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def verify(key_path, public_key_path, signature_path, commitment, as_json):
+    """Check that KEY still matches a signed or published commitment. Exit with status 1 when it does not."""
+    from onnxmark.commitment import load_public_key, load_signature, parse_commitment, verify_key
+    from onnxmark.keyfile import load_key
+
+    if signature_path is not None and public_key_path is None:
+        raise click.UsageError("--signature needs --public-key: a signature proves nothing without the signer's "
+                               "public key.")
+    if public_key_path is None and commitment is None:
+        raise click.UsageError("Give --public-key (with --signature) or --commitment to check the key against.")
+
+    key = load_key(key_path)
+    expected = parse_commitment(commitment, "--commitment") if commitment is not None else None
+    signature = public_key = None
+    if public_key_path is not None:
+        public_key = load_public_key(public_key_path)
+        signature = load_signature(signature_path or key_path.with_name(key_path.name + ".sig"))
+    outcome = verify_key(key, expected, signature, public_key, source=str(key_path))
+
+    result = {"key": str(key_path), "status": outcome.status, "commitment": outcome.commitment,
+              "expected": outcome.expected, "message": outcome.message}
+    _print_result(result, as_json, [f"{outcome.status}: {outcome.message}"])
+    if not outcome.valid:
+        sys.exit(EXIT_VERIFICATION_FAILED)
 
 
 @main.command()

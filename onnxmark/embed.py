@@ -149,7 +149,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         for path, data in written.items():
             transaction.write_bytes(path, data)
         transaction.write_text(paths["key"], key.to_json(), private=True)
-        evidence = write_evidence(extraction, paths["evidence"], transaction)
+        evidence = write_evidence(extraction, paths["evidence"], transaction, key=key)
 
     return {
         "model": str(paths["model"]),

@@ -4,6 +4,8 @@ This module and everything it imports must stay free of torch and onnx2torch.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import io
 import json
 import logging
@@ -14,22 +16,25 @@ import numpy as np
 import onnx
 from PIL import Image, ImageDraw, ImageFont
 
+from onnxmark import __version__
 from onnxmark.canonical import CanonicalModel, canonical_model
+from onnxmark.commitment import key_commitment
 from onnxmark.data import from_layout
 from onnxmark.errors import OnnxmarkError
 from onnxmark.files import OutputTransaction
 from onnxmark.graph import import_graph, load_onnx
 from onnxmark.keyfile import Key, model_sha256
 from onnxmark.plan import build_plan, check_signature
+from onnxmark.report import format_psnr, render_report, tile_zoom, to_pil
 from onnxmark.ssim import mse_batch, ssim_batch
 from onnxmark.transposed_onnx import build_transposed_model, run_transposed
 
 log = logging.getLogger(__name__)
 
-# Each image on the evidence sheet is scaled up (nearest neighbour) to at least this many pixels high.
-SHEET_CELL_PIXELS = 112
 SHEET_MARGIN = 8
 SHEET_CAPTION_PIXELS = 16
+SHEET_LINE_SPACING = 2  # pixels between caption lines
+SHEET_FRAME_COLOR = "#b0b0b0"  # a frame keeps white secrets apart from the white sheet
 
 
 @dataclass
@@ -43,16 +48,39 @@ class Extraction:
     ssim: np.ndarray       # [K]
     mse: np.ndarray        # [K]
     notes: list[str] = field(default_factory=list)   # rewrites of the suspect undone before extraction
+    file_sha256: str | None = None   # SHA-256 of the model file's bytes, when extract() read the file
+
+    @property
+    def psnr(self) -> np.ndarray:
+        """PSNR in dB per key for pixels in [0, 1], infinite where the image equals the secret."""
+        with np.errstate(divide="ignore"):
+            return 10.0 * np.log10(1.0 / np.asarray(self.mse, dtype=np.float64))
 
     def summary(self, image_paths: list[str] | None = None) -> dict:
         keys = []
         for index in range(len(self.ssim)):
             entry = {"index": index, "ssim": float(self.ssim[index]), "mse": float(self.mse[index])}
+            entry["psnr"] = float(self.psnr[index]) if np.isfinite(self.psnr[index]) else None
             entry["image"] = image_paths[index] if image_paths else None
             keys.append(entry)
-        return {"model": self.model, "model_sha256": self.model_sha256,
+        return {"model": self.model, "model_sha256": self.model_sha256, "file_sha256": self.file_sha256,
                 "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()), "notes": self.notes,
                 "keys": keys}
+
+
+@dataclass
+class Reference:
+    """A reference model run with the same key: its extraction, or why the key does not apply to it."""
+
+    model: str
+    file_sha256: str
+    extraction: Extraction | None = None
+    mismatch: str | None = None      # the error that kept the key from running on the reference
+
+    def summary(self, image_paths: list[str] | None = None) -> dict:
+        if self.extraction is None:
+            return {"model": self.model, "file_sha256": self.file_sha256, "mismatch": self.mismatch}
+        return {**self.extraction.summary(image_paths), "mismatch": None}
 
 
 def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None) -> Extraction:
@@ -62,9 +90,14 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None)
     folded batch norms are undone, and a classification head trained anew is replaced by the key's. The
     notes of the result say which rewrites were undone.
     """
-    model = model if model is not None else load_onnx(suspect)
+    file_hash = None
+    if model is None:
+        model = load_onnx(suspect)
+        file_hash = file_sha256(suspect)
     canonical = canonical_model(model, key.batch_norms, key.head)
-    return _extract_canonical(suspect, key, canonical, model_sha256(model))
+    extraction = _extract_canonical(suspect, key, canonical, model_sha256(model))
+    extraction.file_sha256 = file_hash
+    return extraction
 
 
 def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel, digest: str) -> Extraction:
@@ -81,6 +114,36 @@ def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel,
     return Extraction(model=str(suspect), model_sha256=digest, images=images, secrets=key.secrets,
                       ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets),
                       notes=list(canonical.notes))
+
+
+def extract_reference(reference: str | Path, key: Key) -> Reference:
+    """Run the key on a reference model, the control that a suspect's images are compared with.
+
+    A reference that cannot be read raises OnnxmarkError. One whose structure does not fit the key gives
+    a Reference with the reason in `mismatch`, because that result belongs in the report too.
+    """
+    model = load_onnx(reference)
+    file_hash = file_sha256(reference)
+    try:
+        extraction = extract(reference, key, model)
+    except OnnxmarkError as error:
+        log.warning("The key does not apply to the reference model %s: %s", reference, error)
+        return Reference(model=str(reference), file_sha256=file_hash, mismatch=str(error))
+
+    extraction.file_sha256 = file_hash
+    return Reference(model=str(reference), file_sha256=file_hash, extraction=extraction)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Return the SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise OnnxmarkError(f"Failed to read {path}: {error}") from error
+    return digest.hexdigest()
 
 
 def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:
@@ -103,51 +166,146 @@ def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:
     return matched
 
 
-def write_evidence(extraction: Extraction, folder: Path, transaction: OutputTransaction) -> dict:
-    """Write one PNG per key, the side-by-side sheet and scores.json; return the summary with the paths."""
-    from onnxmark.secrets import secret_to_png_bytes
+def write_evidence(extraction: Extraction, folder: Path, transaction: OutputTransaction, key: Key | None = None,
+                   key_path: str | Path | None = None, reference: Reference | None = None) -> dict:
+    """Write keyNN.png per key, sheet.png, report.html and scores.json, and return the summary with the paths.
 
-    image_paths = []
-    for index, image in enumerate(extraction.images):
-        path = folder / f"key{index:02d}.png"
-        transaction.write_bytes(path, secret_to_png_bytes(image))
-        image_paths.append(str(path))
+    With `key`, the report shows the key's commitment and the model hash it records. With `key_path`, it also
+    shows the key file's SHA-256. With `reference`, it shows the images the key extracts from that model.
+    """
+    summary = extraction.summary(_write_images(extraction.images, folder / "key", transaction))
+    summary.update(_provenance(key, key_path))
 
-    transaction.write_bytes(folder / "sheet.png", sheet_png(extraction))
-    summary = extraction.summary(image_paths)
+    reference_images = None
+    summary["reference"] = None
+    if reference is not None:
+        reference_paths = None
+        if reference.extraction is not None:
+            reference_images = reference.extraction.images
+            reference_paths = _write_images(reference_images, folder / "reference", transaction)
+        summary["reference"] = reference.summary(reference_paths)
+
+    transaction.write_bytes(folder / "sheet.png", sheet_png(extraction, summary, reference_images))
+    report = render_report(summary, extraction.secrets, extraction.images, reference_images)
+    transaction.write_text(folder / "report.html", report)
     summary["sheet"] = str(folder / "sheet.png")
+    summary["report"] = str(folder / "report.html")
     transaction.write_text(folder / "scores.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def sheet_png(extraction: Extraction) -> bytes:
-    """Draw a PNG sheet with one row per key (secret, then extracted image) captioned with SSIM and MSE."""
-    _, channels, height, width = extraction.secrets.shape
-    zoom = max(1, -(-SHEET_CELL_PIXELS // height))
-    cell_w, cell_h = width * zoom, height * zoom
-    row_h = cell_h + SHEET_CAPTION_PIXELS + SHEET_MARGIN
-    sheet = Image.new("RGB", (2 * cell_w + 3 * SHEET_MARGIN, SHEET_CAPTION_PIXELS + len(extraction.ssim) * row_h
-                              + SHEET_MARGIN), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    draw.text((SHEET_MARGIN, 2), "secret", fill="black", font=font)
-    draw.text((2 * SHEET_MARGIN + cell_w, 2), "extracted", fill="black", font=font)
+def _write_images(images: np.ndarray, prefix: Path, transaction: OutputTransaction) -> list[str]:
+    """Write images [K, C, H, W] as PREFIX00.png, PREFIX01.png, ... and return their paths."""
+    from onnxmark.secrets import secret_to_png_bytes
 
-    for index in range(len(extraction.ssim)):
-        top = SHEET_CAPTION_PIXELS + index * row_h
-        for column, image in enumerate((extraction.secrets[index], extraction.images[index])):
-            tile = _to_pil(image).resize((cell_w, cell_h), Image.NEAREST)
-            sheet.paste(tile, (SHEET_MARGIN + column * (cell_w + SHEET_MARGIN), top))
-        caption = f"key {index}: SSIM {extraction.ssim[index]:.3f}  MSE {extraction.mse[index]:.4f}"
-        draw.text((SHEET_MARGIN, top + cell_h + 2), caption, fill="black", font=font)
+    paths = []
+    for index, image in enumerate(images):
+        path = prefix.with_name(f"{prefix.name}{index:02d}.png")
+        transaction.write_bytes(path, secret_to_png_bytes(image))
+        paths.append(str(path))
+    return paths
+
+
+def _provenance(key: Key | None, key_path: str | Path | None) -> dict:
+    """Return the date, the versions and, where given, the key's file hash and commitment."""
+    import onnxruntime
+
+    # The date has no time of day, so rerunning an extraction on the same day writes identical files.
+    details = {"date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+               "onnxmark_version": __version__, "onnxruntime_version": onnxruntime.__version__}
+    if key_path is not None:
+        details["key"] = str(key_path)
+        details["key_sha256"] = file_sha256(key_path)
+    if key is not None:
+        details["key_commitment"] = key_commitment(key)
+        details["key_model_sha256"] = key.model_sha256
+    return details
+
+
+def sheet_png(extraction: Extraction, summary: dict | None = None, reference_images: np.ndarray | None = None) -> bytes:
+    """Draw a PNG sheet: one row per key with the secret, the extracted image and the reference's image,
+    each captioned with its scores, and below them the hashes, date and versions from `summary`."""
+    summary = summary if summary is not None else extraction.summary()
+    font = ImageFont.load_default()
+    line_height = _line_height(font)
+
+    _, _, height, width = extraction.secrets.shape
+    zoom = tile_zoom(height)
+    cell_w, cell_h = width * zoom, height * zoom
+    columns = [("secret", extraction.secrets, [_key_caption(entry) for entry in summary["keys"]]),
+               ("suspect", extraction.images, [_score_caption(entry) for entry in summary["keys"]])]
+    if reference_images is not None:
+        columns.append(("reference", reference_images,
+                        [_score_caption(entry) for entry in summary["reference"]["keys"]]))
+
+    caption_lines = max(len(caption) for _, _, captions in columns for caption in captions)
+    row_h = cell_h + caption_lines * line_height + SHEET_MARGIN
+    footer = _sheet_footer(summary)
+    sheet_w = max(len(columns) * (cell_w + SHEET_MARGIN) + SHEET_MARGIN,
+                  max(int(font.getlength(line)) for line in footer) + 2 * SHEET_MARGIN)
+    sheet_h = SHEET_CAPTION_PIXELS + len(extraction.secrets) * row_h + len(footer) * line_height + SHEET_MARGIN
+    sheet = Image.new("RGB", (sheet_w, sheet_h), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    for column, (title, images, captions) in enumerate(columns):
+        left = SHEET_MARGIN + column * (cell_w + SHEET_MARGIN)
+        draw.text((left, 2), title, fill="black", font=font)
+        for index, image in enumerate(images):
+            top = SHEET_CAPTION_PIXELS + index * row_h
+            sheet.paste(to_pil(image, zoom), (left, top))
+            draw.rectangle((left - 1, top - 1, left + cell_w, top + cell_h), outline=SHEET_FRAME_COLOR)
+            for line_index, line in enumerate(captions[index]):
+                draw.text((left, top + cell_h + 2 + line_index * line_height), line, fill="black", font=font)
+
+    footer_top = SHEET_CAPTION_PIXELS + len(extraction.secrets) * row_h
+    for line_index, line in enumerate(footer):
+        draw.text((SHEET_MARGIN, footer_top + line_index * line_height), line, fill="black", font=font)
 
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _to_pil(image: np.ndarray) -> Image.Image:
-    pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-    if pixels.shape[0] == 1:
-        return Image.fromarray(pixels[0], "L").convert("RGB")
-    return Image.fromarray(pixels[:3].transpose(1, 2, 0), "RGB")
+def _line_height(font) -> int:
+    left, top, right, bottom = font.getbbox("Ag")
+    return bottom - top + SHEET_LINE_SPACING
+
+
+def _key_caption(entry: dict) -> list[str]:
+    lines = [f"key {entry['index']}"]
+    if entry.get("p_value") is not None:
+        lines.append(f"p {entry['p_value']:.2g}")
+    if entry.get("z_score") is not None:
+        lines.append(f"z {entry['z_score']:.1f}")
+    return lines
+
+
+def _score_caption(entry: dict) -> list[str]:
+    lines = [f"SSIM {entry['ssim']:.3f}", f"MSE {entry['mse']:.4f}", format_psnr(entry.get("psnr"))]
+    if entry.get("control_ssim") is not None:
+        lines.append(f"wrong secret {entry['control_ssim']:.3f}")
+    return lines
+
+
+def _sheet_footer(summary: dict) -> list[str]:
+    scores = f"mean SSIM {summary['ssim_mean']:.3f} (min {summary['ssim_min']:.3f})"
+    if summary.get("p_value") is not None:
+        scores += f", combined p-value {summary['p_value']:.2g}"
+    lines = [f"suspect {summary['model']}: {scores}"]
+    if summary.get("file_sha256"):
+        lines.append(f"suspect file SHA-256 {summary['file_sha256']}")
+    if summary.get("key_sha256"):
+        lines.append(f"key file SHA-256 {summary['key_sha256']}")
+    if summary.get("key_commitment"):
+        lines.append(f"key commitment {summary['key_commitment']}")
+
+    reference = summary.get("reference")
+    if reference and reference.get("mismatch"):
+        lines.append(f"reference {reference['model']}: structure differs, the key does not apply")
+    elif reference:
+        lines.append(f"reference {reference['model']}: mean SSIM {reference['ssim_mean']:.3f} "
+                     f"(min {reference['ssim_min']:.3f})")
+    if summary.get("date"):
+        lines.append(f"{summary['date']}, onnxmark {summary['onnxmark_version']}, "
+                     f"onnxruntime {summary['onnxruntime_version']}")
+    return lines
