@@ -215,13 +215,13 @@ def _subset(data: LabelledInputs, index: np.ndarray) -> LabelledInputs:
     return LabelledInputs(data.inputs[index], labels, data.source)
 
 
-def check_labels(data: LabelledInputs, classes: int) -> np.ndarray | None:
+def check_labels(data: LabelledInputs, classes: int, layer: str = "the model") -> np.ndarray | None:
     """Return the labels when they are class indices of a `classes`-way classifier; raise otherwise."""
     if data.labels is None:
         return None
     if data.labels.min() < 0 or data.labels.max() >= classes:
         raise OnnxmarkError(f"The data set {data.source} has labels {int(data.labels.min())} to "
-                            f"{int(data.labels.max())}, but the model has {classes} classes")
+                            f"{int(data.labels.max())}, but {layer} has {classes} classes")
     return data.labels.astype(np.int64)
 
 

@@ -101,7 +101,7 @@ def replace_head(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 
     head = find_head(context.graph)
     data = context.training()
-    labels = check_labels(data, options.classes)
+    labels = check_labels(data, options.classes, "the new last layer (--classes)")
     rng = np.random.default_rng(options.seed)
     model = with_new_head(original, head, options.classes, rng)
     graph = import_graph(context.model_path, model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -99,11 +100,19 @@ def fp16(original: onnx.ModelProto, context: AttackContext) -> Attacked:
     floats = [tensor.name for tensor in original.graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT]
     if not floats:
         raise OnnxmarkError(f"{context.model_path} has no float32 initializers to convert to float16")
-    try:
-        converted = float16.convert_float_to_float16(original, keep_io_types=context.options.keep_io_types)
-    except (ValueError, RuntimeError) as error:
-        raise OnnxmarkError(f"onnxconverter-common cannot convert {context.model_path} to float16: {error}") from error
-    return Attacked(converted, {"keep_io_types": context.options.keep_io_types,
+    # The converter warns once for every value it clamps into float16's range; they are counted instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            converted = float16.convert_float_to_float16(original, keep_io_types=context.options.keep_io_types)
+        except (ValueError, RuntimeError) as error:
+            raise OnnxmarkError(f"onnxconverter-common cannot convert {context.model_path} to float16: "
+                                f"{error}") from error
+    clamped = sum(1 for warning in caught if "truncated" in str(warning.message))
+    if clamped:
+        log.info("%d float32 values had a magnitude outside the converter's range (1e-7 to 1e4) and were clamped "
+                 "into it", clamped)
+    return Attacked(converted, {"keep_io_types": context.options.keep_io_types, "clamped_values": clamped,
                                 "initializer_types": dtype_counts(converted)})
 
 
