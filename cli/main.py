@@ -350,7 +350,7 @@ def _attack_list(ctx, param, value):
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in ATTACK_KINDS]
     if unknown:
-        raise click.BadParameter(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACK_KINDS)}")
+        raise click.BadParameter(f"unknown attack(s) {', '.join(unknown)}. Choose from {', '.join(ATTACK_KINDS)}.")
     return names
 
 

@@ -31,7 +31,7 @@ from onnxmark.keyfile import load_key
 log = logging.getLogger(__name__)
 
 PRUNE_LEVELS = tuple(round(0.1 * step, 1) for step in range(10))     # 0 % to 90 % in steps of 10
-# The newest opset that the opset row converts up to; onnxruntime 1.16, the oldest supported, runs opset 19.
+# The opset row converts two opsets up, but not past this one, so that older onnxruntime releases run the result.
 NEWEST_GRID_OPSET = 19
 CSV_COLUMNS = ("attack", "strength", "accuracy", "ssim_mean", "ssim_min", "seconds", "evidence", "error")
 BASELINE = "none"
@@ -53,7 +53,7 @@ class GridRow:
 
 
 def default_grid(model: onnx.ModelProto, key_path: Path, class_count: int) -> list[GridRow]:
-    """The attacks and strengths that `onnxmark robustness` runs when no subset is requested."""
+    """Return the attacks and strengths that `onnxmark robustness` runs when no subset is requested."""
     rows = [GridRow(BASELINE, "")]
     rows += [GridRow("prune", f"level {level:.1f}", {"level": level}) for level in PRUNE_LEVELS]
     rows += [
@@ -80,7 +80,7 @@ def default_grid(model: onnx.ModelProto, key_path: Path, class_count: int) -> li
 
 
 def select_rows(rows: list[GridRow], attacks: list[str] | None) -> list[GridRow]:
-    """Keep the baseline and the rows of the requested attack kinds; raise for an unknown kind."""
+    """Keep the baseline and the rows of the requested attack kinds, and raise for an unknown kind."""
     if not attacks:
         return rows
     unknown = sorted(set(attacks) - set(ATTACKS))
@@ -108,7 +108,7 @@ RowCallback = Callable[[int, int, dict], None]
 
 def robustness(model_path: str | Path, key_path: str | Path, options: RobustnessOptions,
                progress=None, on_row: RowCallback | None = None) -> dict:
-    """Run the grid on a watermarked model and write the report; return the summary `--json` prints."""
+    """Run the grid on a watermarked model, write the report, and return the summary `--json` prints."""
     started = time.time()
     model_path, key_path = Path(model_path), Path(key_path)
     key = load_key(key_path)

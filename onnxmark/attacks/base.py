@@ -1,4 +1,4 @@
-"""What every attack shares: options, the registry of attack kinds, data for accuracy, and writing the result.
+"""Shared parts of every attack: options, the registry of attack kinds, data for accuracy, and writing the result.
 
 An attack takes the suspect's original `onnx.ModelProto` and an `AttackContext` and returns an `Attacked`
 model. `attacked_model` runs one attack in memory; `run_attack` also measures accuracy before and after on
@@ -35,7 +35,7 @@ TRAINING_LR = 1e-3
 class AttackOptions:
     """Settings of one attack. A field that is None takes the attack kind's default from its registration."""
 
-    data: str | None = None             # accuracy on its held-out part; training attacks train on the rest
+    data: str | None = None             # accuracy on its held-out part, and training attacks train on the rest
     train_data: str | None = None       # other data that training attacks train on instead (all of it)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     held_out: int = 1000                # images of --data held out for accuracy, split as embed splits them
@@ -63,13 +63,13 @@ class AttackOptions:
     keep_io_names: bool = False         # rename: keep the names of the graph inputs and outputs
 
     def given(self) -> set[str]:
-        """Names of the attack-specific fields that differ from their defaults."""
+        """Return the names of the attack-specific fields that differ from their defaults."""
         defaults = AttackOptions()
         return {item.name for item in fields(self)
                 if item.name in ATTACK_SPECIFIC and getattr(self, item.name) != getattr(defaults, item.name)}
 
 
-# Fields of AttackOptions that only some attack kinds read; the others apply to every kind.
+# Fields of AttackOptions that only some attack kinds read. The other fields apply to every kind.
 ATTACK_SPECIFIC = ("train_data", "epochs", "lr", "level", "mode", "calibration_size", "target", "classes",
                    "head_only", "steps", "measure_every", "attacker_keys", "key", "watch_key", "replacement",
                    "reference", "keep_io_types", "optimization", "keep_io_names")
@@ -120,7 +120,7 @@ def resolved_options(kind: AttackKind, options: AttackOptions) -> AttackOptions:
     if foreign:
         names = ", ".join("--" + name.replace("_", "-") for name in foreign)
         accepted = ", ".join("--" + name.replace("_", "-") for name in kind.defaults) or "none"
-        raise OnnxmarkError(f"Attack {kind.name} does not use {names}; its own options are: {accepted}")
+        raise OnnxmarkError(f"Attack {kind.name} does not use {names}. Its options are: {accepted}.")
     if kind.needs_data and options.data is None:
         raise OnnxmarkError(f"Attack {kind.name} needs --data (images with labels) to train on")
 
@@ -150,7 +150,7 @@ class AttackContext:
         self.options = options
         self.progress = progress or (lambda *args: None)
         self._graph: ModelGraph | None = None
-        # Prepared data by (source, preprocessing); contexts of the same model may share one cache.
+        # Prepared data by (source, preprocessing). Contexts of the same model may share one cache.
         self.data_cache: dict = {} if data_cache is None else data_cache
 
     @property
@@ -171,7 +171,7 @@ class AttackContext:
         return _class_count(self.graph)
 
     def held_out(self) -> LabelledInputs | None:
-        """The held-out part of --data, split as embed splits it, or None without --data."""
+        """Return the held-out part of --data, split as embed splits it, or None without --data."""
         if self.options.data is None:
             return None
         data = self._prepared(self.options.data)
@@ -179,7 +179,7 @@ class AttackContext:
         return _subset(data, held)
 
     def training(self, labelled: bool = True) -> LabelledInputs:
-        """The images a training attack trains on: all of --train-data, or the part of --data not held out.
+        """Return the images a training attack trains on: all of --train-data, or the part of --data not held out.
 
         With `labelled`, images without labels get the attacked model's own top-1 predictions as labels,
         as an attacker without labels would fine-tune.
@@ -252,7 +252,7 @@ def check_model(model: onnx.ModelProto, kind_name: str) -> None:
 
 
 def measured_accuracy(model: onnx.ModelProto, data: LabelledInputs | None, classes: int | None = None) -> float | None:
-    """Top-1 accuracy of a model on labelled inputs with onnxruntime, or None without data or labels."""
+    """Measure top-1 accuracy with onnxruntime; return None without data or labels, or when labels exceed `classes`."""
     if data is None or data.labels is None:
         return None
     if classes is not None and data.labels.max() >= classes:

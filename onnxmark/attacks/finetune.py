@@ -36,7 +36,7 @@ def finetune(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 def fine_tune(graph: ModelGraph, data: LabelledInputs, context: AttackContext,
               start: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None,
               trainable: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Train with cross-entropy and Adam for the context's epochs and learning rate; return the float initializers.
+    """Train with cross-entropy and Adam for the context's epochs and learning rate, and return the float initializers.
 
     `start` replaces initial values by name. Where `masks` has a tensor, its zero entries stay zero after
     every step (fine-pruning). `trainable` limits training to the named tensors.
@@ -147,12 +147,12 @@ def find_head(graph: ModelGraph) -> Head:
         weight, classes_axis = node.inputs[1], 1
     else:
         found = "no node" if node is None else node.describe(graph.opset)
-        raise OnnxmarkError(f"{graph.path}: the logits '{graph.logits_name}' come from {found}; replace-head needs "
+        raise OnnxmarkError(f"{graph.path}: the logits '{graph.logits_name}' come from {found}. replace-head needs "
                             "a last layer that is a Gemm, or a MatMul followed by an Add, with constant weights")
 
     shape = graph.constants[weight].shape
     if len(shape) != 2:
-        raise OnnxmarkError(f"{graph.path}: the last layer's weight '{weight}' has shape {list(shape)}; "
+        raise OnnxmarkError(f"{graph.path}: the last layer's weight '{weight}' has shape {list(shape)}, but "
                             "replace-head needs a 2-D weight")
     return Head(node, weight, bias, classes_axis, shape[classes_axis])
 
@@ -168,11 +168,11 @@ def with_new_head(original: onnx.ModelProto, head: Head, classes: int, rng: np.r
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     for name in filter(None, (head.weight, head.bias)):
         if name not in initializers:
-            raise OnnxmarkError(f"The last layer's tensor '{name}' is not an initializer (it may be a Constant node); "
-                                "replace-head can only replace initializers")
+            raise OnnxmarkError(f"The last layer's tensor '{name}' is not an initializer (it may be a Constant node), "
+                                "and replace-head can only replace initializers")
         users = [node.name for node in model.graph.node if name in node.input]
         if len(users) > 1:
-            raise OnnxmarkError(f"The last layer's tensor '{name}' is also used by {', '.join(users[1:])}; "
+            raise OnnxmarkError(f"The last layer's tensor '{name}' is also used by {', '.join(users[1:])}, and "
                                 "replace-head cannot replace a shared weight")
 
     old_weight = numpy_helper.to_array(initializers[head.weight])
@@ -198,7 +198,7 @@ def _declare_classes(model: onnx.ModelProto, old: int, new: int) -> None:
             if dim.HasField("dim_value") and dim.dim_value == old:
                 dim.dim_value = new
                 break
-    # Shapes of intermediate tensors after the head change too; onnxruntime infers them again.
+    # Shapes of intermediate tensors after the head change too, and onnxruntime infers them again.
     del model.graph.value_info[:]
 
 

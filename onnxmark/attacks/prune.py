@@ -14,8 +14,8 @@ from onnxmark.writeback import write_back
 
 log = logging.getLogger(__name__)
 
-# Operators whose weight tensors are pruned. Biases (1-D) and normalisation parameters are left alone, as
-# torch.nn.utils.prune does when it is given the weights of conv and linear layers.
+# Operators whose weight tensors are pruned. Biases (1-D) and normalisation parameters are left alone, as is
+# usual in magnitude pruning of conv and linear layers.
 PRUNED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 DEFAULT_LEVEL = 0.5
 FINEPRUNE_EPOCHS = 1
@@ -44,7 +44,7 @@ def fineprune(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 
 
 def pruned_weight_names(graph: ModelGraph) -> list[str]:
-    """Float initializers with two or more dims that a Conv, ConvTranspose, Gemm or MatMul node reads."""
+    """Return the float initializers with two or more dims that a Conv, ConvTranspose, Gemm or MatMul node reads."""
     trainable = set(graph.float_initializer_names())
     names: list[str] = []
     for node in graph.nodes:
@@ -60,7 +60,7 @@ def magnitude_pruned(graph: ModelGraph, level: float) -> tuple[dict[str, np.ndar
     """Zero the fraction `level` of all pruned weights with the smallest absolute value, ranked over all layers.
 
     Returns the pruned weights and their masks (True where a weight is kept), by initializer name.
-    Exactly round(level * count) weights are zeroed; ties at the threshold are broken by position.
+    Exactly round(level * count) weights are zeroed, and ties at the threshold go by position.
     """
     if not 0.0 <= level <= 1.0:
         raise OnnxmarkError(f"Invalid pruning level {level}: it must be a fraction from 0 to 1")

@@ -52,7 +52,7 @@ def quantize(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 
 
 def _calibration_reader(context: AttackContext):
-    """A CalibrationDataReader over the first --calibration-size images of --data that are not held out."""
+    """Build a CalibrationDataReader over the first --calibration-size images of --data that are not held out."""
     from onnxruntime.quantization import CalibrationDataReader
 
     options = context.options
@@ -100,7 +100,7 @@ def fp16(original: onnx.ModelProto, context: AttackContext) -> Attacked:
     floats = [tensor.name for tensor in original.graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT]
     if not floats:
         raise OnnxmarkError(f"{context.model_path} has no float32 initializers to convert to float16")
-    # The converter warns once for every value it clamps into float16's range; they are counted instead.
+    # The converter warns once for every value it clamps into its range, so the warnings are counted instead.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -117,7 +117,7 @@ def fp16(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 
 
 def dtype_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Number of initializers per element type name, such as {'FLOAT16': 10}."""
+    """Count the initializers per element type name, such as {'FLOAT16': 10}."""
     counts: dict[str, int] = {}
     for tensor in model.graph.initializer:
         name = onnx.TensorProto.DataType.Name(tensor.data_type)

@@ -1,7 +1,7 @@
 """Adaptive attacks that run watermark hardening against the owner's mark.
 
 `overwrite` hardens the model with the attacker's own random keys and secrets, so that a new mark takes
-the weights the old one used. `erase` knows the owner's key vectors and trains the transposed model so
+the weights the old one used. `erase` is given the owner's key vectors and trains the transposed model so
 that they extract a black image, or the image an unwatermarked model of the same architecture gives.
 
 Both train only the transposed model, like hardening, so the main task is not trained and its accuracy
@@ -36,7 +36,7 @@ KEY_LOW, KEY_HIGH = -10.0, 10.0
 # The attacker's keys and texts come from a random stream apart from embed's, so that the same --seed
 # does not reproduce the owner's keys.
 ATTACKER_STREAM = 0x0A77AC
-# Batch size of the per-step accuracy measurement; it only bounds memory.
+# Batch size of the per-step accuracy measurement. It only bounds memory.
 MEASURE_BATCH = 256
 
 
@@ -100,17 +100,17 @@ def _checked_plan(context: AttackContext, key: Key | None = None, key_path=None)
 
 
 def _recorded_frozen(plan: Plan, context: AttackContext) -> dict[str, np.ndarray]:
-    """Frozen tensors recorded from the attacker's own data, as embed records them; none without branches."""
+    """Record the frozen tensors from the attacker's own data, as embed does. A model without branches has none."""
     if not plan.frozen_names():
         return {}
     if context.options.data is None:
-        raise OnnxmarkError(f"{context.model_path} has branches whose frozen tensors are recorded from images; "
-                            "pass --data")
+        raise OnnxmarkError(f"{context.model_path} has branches whose frozen tensors are recorded from images, "
+                            "so pass --data")
     return record_frozen(plan, context.graph, context.training().inputs)
 
 
 def _key_frozen(plan: Plan, key: Key, key_path) -> dict[str, np.ndarray]:
-    """The key's frozen tensors by name. A key made for this very file names the plan's branches exactly."""
+    """Return the key's frozen tensors by name. A key made for this very file names the plan's branches exactly."""
     names = plan.frozen_names()
     if sorted(key.frozen) != sorted(names):
         raise OnnxmarkError(f"The key {key_path} records frozen tensors for {sorted(key.frozen)}, the model's plan "
@@ -129,7 +129,7 @@ def _watched_key(context: AttackContext, path) -> tuple[Key, object] | None:
 
 
 class _Monitor:
-    """Measures held-out accuracy and the owner's mean SSIM on the store that the attack trains."""
+    """Held-out accuracy and the owner's mean SSIM, measured on the parameter store that the attack trains."""
 
     def __init__(self, context: AttackContext, plan: Plan, watermarker, watched: tuple[Key, object] | None):
         import torch
@@ -162,7 +162,7 @@ class _Monitor:
         return correct / len(self.labels)
 
     def owner_ssim(self) -> float | None:
-        """Mean SSIM of the owner's secrets, with the verifier's clipping and SSIM, computed in torch."""
+        """Compute the owner's mean SSIM: the transposed model runs in torch, then the verifier clips and scores."""
         import torch
 
         if self.key is None:

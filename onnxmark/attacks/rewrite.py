@@ -17,7 +17,7 @@ from onnxmark.graph import main_opset
 log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("basic", "extended")
-# The first opset that onnx.version_converter has adapters from; lower targets cannot be reached.
+# Opset versions of the default ONNX domain start at 1.
 MIN_TARGET_OPSET = 1
 
 
@@ -44,7 +44,7 @@ def fold_batch_norm(original: onnx.ModelProto, context: AttackContext) -> Attack
 
 
 def _fold_one(model: onnx.ModelProto, bn: onnx.NodeProto) -> str | None:
-    """Fold one BatchNormalization into its producer; return None when done, else why it stays."""
+    """Fold one BatchNormalization into its producer. Return None when done, or the reason it stays."""
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in bn.attribute}
@@ -181,7 +181,7 @@ def rename(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 
 
 def _tensor_names(graph: onnx.GraphProto):
-    """Every tensor name of a graph and its subgraphs, in order of appearance."""
+    """Yield every tensor name of a graph and its subgraphs, in order of appearance."""
     for info in graph.input:
         yield info.name
     for tensor in graph.initializer:
@@ -206,7 +206,7 @@ def _subgraphs(node: onnx.NodeProto):
 
 
 def _rename_graph(graph: onnx.GraphProto, tensors: dict[str, str], counter: list[int]) -> int:
-    """Apply the tensor mapping to a graph and its subgraphs, and give every node a new name; return the count."""
+    """Apply the tensor mapping to a graph and its subgraphs, give every node a new name, and count the nodes."""
     for info in (*graph.input, *graph.output, *graph.value_info):
         info.name = tensors[info.name]
     for tensor in graph.initializer:
