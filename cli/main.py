@@ -380,10 +380,13 @@ def robustness(model, key_path, data, output_dir, attacks, input_range, mean, st
     options = RobustnessOptions(data=data, output_dir=output_dir, preprocessing=_preprocessing(input_range, mean, std),
                                 attacks=attacks, held_out=held_out, seed=seed, keep_models=keep_models, force=force)
 
+    progress = ProgressLine(enabled=True)
+
     def report_row(done: int, total: int, row: dict) -> None:
+        progress.close()   # end a progress line that a training attack left open
+        progress.phase = None
         click.echo(f"[{done}/{total}] {_row_line(row)}", err=True)
 
-    progress = ProgressLine(enabled=True)
     try:
         summary = run_grid(model, key_path, options, progress=progress, on_row=report_row)
     finally:
