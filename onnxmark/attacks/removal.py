@@ -196,8 +196,8 @@ def _harden_against(phase: str, original: onnx.ModelProto, context: AttackContex
         watermarker.watermark_step()
         if step % options.measure_every == 0 or step == options.steps:
             history.append(monitor.record(step))
-            latest = {name: history[-1][name] for name in ("ssim_mean", "accuracy") if history[-1][name] is not None}
-            context.progress(phase, step, options.steps, latest)
+            shown = {"ssim": history[-1]["ssim_mean"], "accuracy": history[-1]["accuracy"]}
+            context.progress(phase, step, options.steps, {name: value for name, value in shown.items() if value is not None})
 
     attacked = write_back(original, watermarker.trained_values())
     details = dict(details, steps=options.steps, lr=options.lr, history=history)
