@@ -212,6 +212,18 @@ def test_finetune_on_other_data(watermarked, tmp_path):
     assert summary["accuracy_after"] is not None
 
 
+def test_finetune_on_train_data_alone(watermarked, tmp_path):
+    model, _ = watermarked
+    output = tmp_path / "finetuned.onnx"
+
+    summary = attack("finetune", model, output, "--epochs", "1", "--lr", "1e-4", "--train-data", "digits")
+
+    assert summary["train_images"] == 1797
+    assert summary["accuracy_before"] is None
+    assert summary["accuracy_after"] is None
+    onnx.checker.check_model(onnx.load(output))
+
+
 def test_finetune_needs_data(watermarked, tmp_path):
     model, _ = watermarked
     output = tmp_path / "finetuned.onnx"
@@ -457,6 +469,32 @@ def test_rename_can_keep_io_names(watermarked, tmp_path):
     assert [info.name for info in renamed.graph.output] == ["logits"]
     assert summary["kept_names"] == ["input", "logits"]
     assert "fc1.weight" not in initializers(output)
+
+
+def test_rename_avoids_kept_names(tmp_path):
+    model = small_cnn(17)
+    rename_tensor(model, "x", "tensor_0")
+    rename_tensor(model, "logits", "tensor_1")
+    source, output = tmp_path / "named.onnx", tmp_path / "renamed.onnx"
+    onnx.save(model, source)
+
+    attack("rename", source, output, "--keep-io-names")
+
+    renamed = onnx.load(output)
+    outputs = [name for node in renamed.graph.node for name in node.output]
+    assert len(outputs) == len(set(outputs))
+    assert not {"tensor_0", "tensor_1"} & {tensor.name for tensor in renamed.graph.initializer}
+    inputs = np.random.default_rng(3).normal(0, 1, (4, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(logits(output, inputs), logits(source, inputs))
+
+
+def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for info in (*model.graph.input, *model.graph.output):
+        if info.name == old:
+            info.name = new
 
 
 def test_opset_converts(watermarked, tmp_path):

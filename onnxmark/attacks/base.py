@@ -121,8 +121,8 @@ def resolved_options(kind: AttackKind, options: AttackOptions) -> AttackOptions:
         names = ", ".join("--" + name.replace("_", "-") for name in foreign)
         accepted = ", ".join("--" + name.replace("_", "-") for name in kind.defaults) or "none"
         raise OnnxmarkError(f"Attack {kind.name} does not use {names}. Its options are: {accepted}.")
-    if kind.needs_data and options.data is None:
-        raise OnnxmarkError(f"Attack {kind.name} needs --data (images with labels) to train on")
+    if kind.needs_data and options.data is None and options.train_data is None:
+        raise OnnxmarkError(f"Attack {kind.name} needs images to train on: give --data, or --train-data")
 
     resolved = AttackOptions(**{item.name: getattr(options, item.name) for item in fields(options)})
     for name, default in kind.defaults.items():

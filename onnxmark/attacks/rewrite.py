@@ -2,6 +2,7 @@
 optimisation, renaming every node and tensor, and opset conversion."""
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 from pathlib import Path
@@ -172,9 +173,10 @@ def rename(original: onnx.ModelProto, context: AttackContext) -> Attacked:
         kept = {info.name for info in (*model.graph.input, *model.graph.output) if info.name not in initializer_names}
 
     tensors: dict[str, str] = {"": ""}
+    fresh = (f"tensor_{index}" for index in itertools.count())
     for name in _tensor_names(model.graph):
         if name not in tensors:
-            tensors[name] = name if name in kept else f"tensor_{len(tensors) - 1}"
+            tensors[name] = name if name in kept else next(new for new in fresh if new not in kept)
     nodes = _rename_graph(model.graph, tensors, counter=[0])
     return Attacked(model, {"renamed_tensors": sum(1 for old, new in tensors.items() if old != new),
                             "renamed_nodes": nodes, "kept_names": sorted(kept)})
