@@ -380,5 +380,197 @@ def inspect(model, as_json):
         sys.exit(EXIT_USER_ERROR)
 
 
+# ----- attack -----
+
+ATTACK_KINDS = ("finetune", "prune", "fineprune", "overwrite", "erase", "replace-head", "quantize", "fp16",
+                "fold-bn", "optimize", "rename", "opset")
+
+
+def _preprocessing_options(command):
+    """Add embed's preprocessing options (--input-range, --mean, --std) to a command."""
+    command = click.option("--std", type=str, default=None,
+                           help="Per-channel std (comma-separated) of mean/std input normalisation.")(command)
+    command = click.option("--mean", type=str, default=None,
+                           help="Per-channel mean (comma-separated) of mean/std input normalisation.")(command)
+    return click.option("--input-range", nargs=2, type=float, default=None, callback=_float_pair,
+                        help="Model input value range LO HI that pixels 0..1 map to (default 0 1).")(command)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(ATTACK_KINDS))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Path of the attacked model.")
+@click.option("--data", help="Images with labels (same sources as embed). Accuracy before and after is measured on "
+                             "the part embed holds out; training attacks train on the rest.")
+@click.option("--train-data", help="Other images for training attacks to train on, all of them, instead of --data.")
+@_preprocessing_options
+@click.option("--held-out", type=click.IntRange(1), default=1000, show_default=True,
+              help="Images of --data held out for accuracy, split as embed splits them with the same --seed.")
+@click.option("--epochs", type=click.IntRange(0), default=None,
+              help="Training epochs (default 2 for finetune and replace-head, 1 for fineprune).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Adam learning rate of training and of overwrite/erase steps (default 0.001, embed's training "
+                   "learning rate).")
+@click.option("--level", type=click.FloatRange(0, 1), default=None,
+              help="prune, fineprune: fraction 0 to 1 of all conv and linear weights set to zero (default 0.5).")
+@click.option("--mode", type=click.Choice(["dynamic", "static"]), default=None,
+              help="quantize: dynamic (int8 weights) or static (int8 weights and activations, needs --data) "
+                   "(default dynamic).")
+@click.option("--calibration-size", type=click.IntRange(1), default=None,
+              help="quantize --mode static: number of --data images that calibrate the activations (default 256).")
+@click.option("--target", type=int, default=None, help="opset: the opset to convert to.")
+@click.option("--classes", type=click.IntRange(2), default=None,
+              help="replace-head: number of classes of the new last layer.")
+@click.option("--head-only", is_flag=True, help="replace-head: train the new last layer alone.")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="overwrite, erase: number of adversarial hardening steps (default 300).")
+@click.option("--measure-every", type=click.IntRange(1), default=None,
+              help="overwrite, erase: steps between two measurements of accuracy and SSIM (default 10).")
+@click.option("--attacker-keys", type=click.IntRange(1), default=None,
+              help="overwrite: number of the attacker's own random keys and secrets (default 11).")
+@click.option("--key", "key_path", type=click.Path(path_type=Path), default=None,
+              help="erase: the known key file whose mark is erased.")
+@click.option("--watch-key", type=click.Path(path_type=Path), default=None,
+              help="overwrite, erase: the owner's key file, to report the owner's mean SSIM per step "
+                   "(erase watches --key when this is not given).")
+@click.option("--replacement", type=click.Choice(["black", "reference"]), default=None,
+              help="erase: the image the key should extract afterwards, black or that of --reference "
+                   "(default black).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="erase --replacement reference: an unwatermarked model of the same architecture.")
+@click.option("--keep-io-types", is_flag=True, help="fp16: keep float32 model inputs and outputs.")
+@click.option("--optimization", type=click.Choice(["basic", "extended"]), default=None,
+              help="optimize: onnxruntime graph optimisation level (default basic).")
+@click.option("--keep-io-names", is_flag=True, help="rename: keep the names of the graph inputs and outputs.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Training batch size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, training and attacker keys.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def attack(kind, model, output, data, train_data, input_range, mean, std, held_out, epochs, lr, level, mode,
+           calibration_size, target, classes, head_only, steps, measure_every, attacker_keys, key_path, watch_key,
+           replacement, reference, keep_io_types, optimization, keep_io_names, batch_size, seed, force, as_json):
+    """Attack MODEL with KIND and write the attacked model, as a suspect could have made it.
+
+    \b
+    Training attacks (need --data):
+      finetune      train every weight for --epochs at --lr
+      fineprune     prune at --level, then fine-tune with pruned weights kept at zero
+      replace-head  new last layer for --classes classes, then fine-tune
+    Watermark attacks:
+      overwrite     hardening with the attacker's own random keys and secrets, --steps steps
+      erase         train the known --key to extract a black or --reference image, --steps steps
+    Rewrites:
+      prune         global magnitude pruning at --level
+      quantize      onnxruntime int8 quantization, --mode dynamic or static
+      fp16          float16 conversion (onnxconverter-common)
+      fold-bn       fold BatchNormalization into the preceding Conv or Gemm
+      optimize      onnxruntime offline graph optimisation at --optimization
+      rename        rename every node and tensor
+      opset         convert to opset --target
+    """
+    from onnxmark.attacks import AttackOptions, run_attack
+
+    options = AttackOptions(
+        data=data, train_data=train_data, preprocessing=_preprocessing(input_range, mean, std), held_out=held_out,
+        batch_size=batch_size, seed=seed, force=force, epochs=epochs, lr=lr, level=level, mode=mode,
+        calibration_size=calibration_size, target=target, classes=classes, head_only=head_only, steps=steps,
+        measure_every=measure_every, attacker_keys=attacker_keys, key=key_path, watch_key=watch_key,
+        replacement=replacement, reference=reference, keep_io_types=keep_io_types, optimization=optimization,
+        keep_io_names=keep_io_names)
+
+    progress = ProgressLine(enabled=True)
+    try:
+        result = run_attack(kind, model, output, options, progress=progress)
+    finally:
+        progress.close()
+    _print_result(result, as_json, _attack_lines(result))
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _attack_lines(result: dict) -> list[str]:
+    lines = [f"attacked model: {result['model']} ({result['attack']}, {result['seconds']:.1f} s)"]
+    if result["accuracy_before"] is not None or result["accuracy_after"] is not None:
+        lines.append(f"held-out accuracy {_percent(result['accuracy_before'])} -> {_percent(result['accuracy_after'])}")
+    if result.get("folded") == []:
+        lines.append("no BatchNormalization follows a Conv or Gemm, so the model was written unchanged")
+    for row in result.get("history", []):
+        ssim = "" if row["ssim_mean"] is None else f"  owner's mean SSIM {row['ssim_mean']:.3f}"
+        lines.append(f"  step {row['step']:5d}: accuracy {_percent(row['accuracy'])}{ssim}  "
+                     f"attack SSIM {row['attack_ssim']:.3f}")
+    if result.get("ssim_mean") is not None:
+        lines.append(f"owner's mean SSIM after the attack: {result['ssim_mean']:.3f}")
+    return lines
+
+# ----- robustness -----
+
+def _attack_list(ctx, param, value):
+    if value is None:
+        return []
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ATTACK_KINDS]
+    if unknown:
+        raise click.BadParameter(f"unknown attack(s) {', '.join(unknown)}. Choose from {', '.join(ATTACK_KINDS)}.")
+    return names
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Key file written by embed.")
+@click.option("--data", required=True,
+              help="Images with labels (same sources as embed): the attacks train on the part embed trained on and "
+                   "accuracy is measured on the part it held out.")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("robustness"),
+              show_default=True,
+              help="Folder for robustness.json, robustness.csv, pruning.png and the extracted images of each row.")
+@click.option("--attacks", callback=_attack_list, default=None,
+              help="Comma-separated attack kinds to run (default: all). The unattacked model is always the first row.")
+@_preprocessing_options
+@click.option("--held-out", type=click.IntRange(1), default=1000, show_default=True,
+              help="Images of --data held out for accuracy, split as embed splits them with the same --seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, training and attacker keys.")
+@click.option("--keep-models", is_flag=True, help="Also write every attacked model to OUTPUT/models/.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def robustness(model, key_path, data, output_dir, attacks, input_range, mean, std, held_out, seed, keep_models,
+               force, as_json):
+    """Attack MODEL at several strengths and report accuracy and mean SSIM of KEY's secrets for each."""
+    from onnxmark.robustness import RobustnessOptions, robustness as run_grid
+
+    options = RobustnessOptions(data=data, output_dir=output_dir, preprocessing=_preprocessing(input_range, mean, std),
+                                attacks=attacks, held_out=held_out, seed=seed, keep_models=keep_models, force=force)
+
+    progress = ProgressLine(enabled=True)
+
+    def report_row(done: int, total: int, row: dict) -> None:
+        progress.close()   # end a progress line that a training attack left open
+        progress.phase = None
+        click.echo(f"[{done}/{total}] {_row_line(row)}", err=True)
+
+    try:
+        summary = run_grid(model, key_path, options, progress=progress, on_row=report_row)
+    finally:
+        progress.close()
+    lines = [f"{'attack':14s} {'strength':30s} {'accuracy':>9s} {'SSIM':>6s}"]
+    lines += [_table_line(row) for row in summary["rows"]]
+    lines.append(f"table: {summary['json']} and {summary['csv']}")
+    if "plot" in summary:
+        lines.append(f"pruning plot: {summary['plot']}")
+    _print_result(summary, as_json, lines)
+
+
+def _row_line(row: dict) -> str:
+    name = f"{row['attack']} {row['strength']}".strip()
+    if row["error"]:
+        return f"{name}: {row['error'].splitlines()[0]}"
+    return f"{name}: accuracy {_percent(row['accuracy'])}, mean SSIM {row['ssim_mean']:.3f}"
+
+
+def _table_line(row: dict) -> str:
+    ssim = "error" if row["ssim_mean"] is None else f"{row['ssim_mean']:.3f}"
+    return f"{row['attack']:14s} {row['strength']:30s} {_percent(row['accuracy']):>9s} {ssim:>6s}"
+
 if __name__ == "__main__":
     main()
