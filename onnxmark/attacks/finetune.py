@@ -200,16 +200,3 @@ def _declare_classes(model: onnx.ModelProto, old: int, new: int) -> None:
                 break
     # Shapes of intermediate tensors after the head change too, and onnxruntime infers them again.
     del model.graph.value_info[:]
-
-
-def restore_head(attacked: onnx.ModelProto, original: onnx.ModelProto, weight: str, bias: str | None) -> onnx.ModelProto:
-    """Return a copy of an attacked model with the original's last-layer initializers and output shapes put back."""
-    model = onnx.ModelProto()
-    model.CopyFrom(attacked)
-    source = {tensor.name: tensor for tensor in original.graph.initializer}
-    for tensor in model.graph.initializer:
-        if tensor.name in (weight, bias):
-            tensor.CopyFrom(source[tensor.name])
-    del model.graph.output[:]
-    model.graph.output.extend(original.graph.output)
-    return model
