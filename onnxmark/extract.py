@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from PIL import Image, ImageDraw, ImageFont
 
+from onnxmark.calibration import (COMBINATION_METHOD, DEFAULT_NULL_KEYS, DEFAULT_NULL_SEED, Calibration, calibrate,
+                                  check_key_range, draw_null_keys)
 from onnxmark.data import from_layout
 from onnxmark.errors import OnnxmarkError
 from onnxmark.files import OutputTransaction
@@ -41,33 +43,55 @@ class Extraction:
     secrets: np.ndarray    # [K, C, H, W]
     ssim: np.ndarray       # [K]
     mse: np.ndarray        # [K]
+    calibration: Calibration | None = None   # None when extracted without random keys
 
     def summary(self, image_paths: list[str] | None = None) -> dict:
+        """Return the scores as `extract --json` prints them; the calibration fields are None without random keys."""
         keys = []
         for index in range(len(self.ssim)):
             entry = {"index": index, "ssim": float(self.ssim[index]), "mse": float(self.mse[index])}
+            if self.calibration is not None:
+                entry.update(self.calibration.key_entry(index))
             entry["image"] = image_paths[index] if image_paths else None
             keys.append(entry)
+
+        calibration = self.calibration
         return {"model": self.model, "model_sha256": self.model_sha256,
-                "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()), "keys": keys}
+                "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()),
+                "p_value": None if calibration is None else calibration.p_value,
+                "p_value_method": None if calibration is None else COMBINATION_METHOD,
+                "null_keys": 0 if calibration is None else calibration.null_keys,
+                "null_seed": None if calibration is None else calibration.null_seed,
+                "keys": keys}
 
 
-def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None) -> Extraction:
-    """Extract the key's images from a suspect file (or an already loaded model of that file)."""
+def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None,
+            null_keys: int = DEFAULT_NULL_KEYS, null_seed: int = DEFAULT_NULL_SEED) -> Extraction:
+    """Extract the key's images from a suspect file (or an already loaded model of that file).
+
+    With `null_keys` above 0, that many random keys drawn with `null_seed` go through the same transposed
+    model, and their images calibrate each key's SSIM (see onnxmark.calibration).
+    """
     model = model if model is not None else load_onnx(suspect)
     graph = import_graph(suspect, model)
     plan = build_plan(graph)
     check_signature(key.signature, plan.signature(graph), str(suspect))
     plan.frozen_values = _frozen_by_position(plan, graph, key)
 
+    random_keys = draw_null_keys(null_keys, key.keys.shape[1], null_seed)
+    if null_keys:
+        check_key_range(key.keys)
     transposed = build_transposed_model(plan, graph)
-    values = run_transposed(transposed, key.keys)
+    values = run_transposed(transposed, np.concatenate([key.keys, random_keys]))
     pixels = key.preprocessing.to_pixels(from_layout(values, key.input_spec))
-    images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
+    all_images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
+    images, null_images = all_images[:len(key.keys)], all_images[len(key.keys):]
 
+    calibration = calibrate(images, null_images, key.secrets, null_seed) if null_keys else None
     return Extraction(model=str(suspect), model_sha256=model_sha256(model),
                       images=images, secrets=key.secrets,
-                      ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets))
+                      ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets),
+                      calibration=calibration)
 
 
 def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:
