@@ -46,7 +46,7 @@ class Extraction:
     calibration: Calibration | None = None   # None when extracted without random keys
 
     def summary(self, image_paths: list[str] | None = None) -> dict:
-        """Return the scores as `extract --json` prints them; the calibration fields are None without random keys."""
+        """Return the scores as `extract --json` prints them, with None in the calibration fields without random keys."""
         keys = []
         for index in range(len(self.ssim)):
             entry = {"index": index, "ssim": float(self.ssim[index]), "mse": float(self.mse[index])}
@@ -85,7 +85,7 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None,
     values = run_transposed(transposed, np.concatenate([key.keys, random_keys]))
     pixels = key.preprocessing.to_pixels(from_layout(values, key.input_spec))
     all_images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
-    images, null_images = all_images[:len(key.keys)], all_images[len(key.keys):]
+    images, null_images = all_images[:len(key.keys)].copy(), all_images[len(key.keys):]
 
     calibration = calibrate(images, null_images, key.secrets, null_seed) if null_keys else None
     return Extraction(model=str(suspect), model_sha256=model_sha256(model),

@@ -3,16 +3,18 @@
 Only models with the watermarked model's structure can give a score, because the key rejects every other
 structure. So the unwatermarked models checked here are the originals that real models were watermarked
 from, and independently trained copies of the fixture architecture. Under the null hypothesis the combined
-p-values are uniform, so the bound of 0.001 over these eight models fails by chance in under one run in a
+p-values are uniform, so the bound of 0.001 over these nine models fails by chance in about one run in a
 hundred.
 """
 from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import onnx
 import pytest
 
+from onnxmark.data import load_dataset
 from onnxmark.embed import EmbedOptions, train_without_watermark
 from onnxmark.errors import OnnxmarkError
 from onnxmark.extract import extract
@@ -74,3 +76,36 @@ def test_original_shows_no_mark(embedded_real_model, name):
 
     assert scores.ssim.mean() <= MAX_SSIM_MEAN
     assert scores.calibration.p_value >= MIN_P_VALUE
+
+
+SQUEEZENET = "caffe2_squeezenet1.1_fp16.onnx"
+
+
+@pytest.fixture(scope="module")
+def squeezenet_original_scores(embedded_real_model, tmp_path_factory):
+    """Extract from the original SqueezeNet a key made for it by an embed without training steps.
+
+    The embed runs on 300 digits to keep it short. Training changes the watermarked model, not how the key
+    fits the original, so this key probes the original as well as one from a full embed would. A full embed
+    took 24 minutes for one epoch on two cores (BENCHMARKS.md).
+    """
+    real_model(SQUEEZENET)
+    digits = load_dataset("mnist-sample")
+    data = tmp_path_factory.mktemp("digits") / "digits300.npz"
+    np.savez(data, x=digits.images[:300], y=digits.labels[:300])
+    summary = embedded_real_model(SQUEEZENET, "--epochs", "0", "--data", str(data), "--held-out", "100")
+    return extract(real_model(SQUEEZENET), load_key(summary["key"]))
+
+
+@pytest.mark.slow
+def test_squeezenet_original_p_value(squeezenet_original_scores):
+    assert squeezenet_original_scores.calibration.p_value >= MIN_P_VALUE
+
+
+# NOTE: SqueezeNet's transposed model turns every key into nearly the same saturated red picture, whose
+# red channel matches the secrets' white background. So any key, real or random, scores SSIM about 0.2 on
+# the unwatermarked original, while the p-value, which compares against random keys, stays large.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="every key scores SSIM about 0.2 on the unwatermarked SqueezeNet")
+def test_squeezenet_original_ssim(squeezenet_original_scores):
+    assert squeezenet_original_scores.ssim.mean() <= MAX_SSIM_MEAN
