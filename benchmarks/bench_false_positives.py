@@ -280,8 +280,8 @@ with no watermark steps.
 ### Real models: the key on the watermarked model and on the original
 
 Each model in `../shared/models` embedded with its recorded preprocessing and mode, on the first
-{args.images} mnist-sample digits ({args.images // 3} held out) for {args.epochs} epoch(s), so the
-watermarks are weaker than with the default settings. Only the original shares the watermarked model's
+{args.images} mnist-sample digits ({args.images // 3} held out) for {args.epochs} epoch(s), so the watermarks
+are weaker than with the default settings. Only the original shares the watermarked model's
 structure, so it is the one unwatermarked model the key can score.
 
 | model | mode | watermarked mean SSIM | watermarked combined p | original mean SSIM | original combined p | embed seconds | extract seconds |
