@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from onnxmark import __version__
+from onnxmark.calibration import DEFAULT_NULL_KEYS, DEFAULT_NULL_SEED
 from onnxmark.errors import OnnxmarkError
 
 EXIT_USER_ERROR = 2
@@ -173,6 +174,17 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option)
 
 
+def null_key_options(command):
+    """Add --null-keys and --null-seed, the random keys that calibrate the p-values, to a command."""
+    command = click.option(
+        "--null-seed", type=int, default=DEFAULT_NULL_SEED, show_default=True,
+        help="Seed of the random keys; the output records it, so the same seed repeats the same p-values.")(command)
+    return click.option(
+        "--null-keys", type=click.IntRange(0), default=DEFAULT_NULL_KEYS, show_default=True,
+        help="Number of random keys, drawn like real keys from [-10, 10], whose SSIMs with each secret are the "
+             "null distribution of the p-values. 0 skips the p-values.")(command)
+
+
 @main.command()
 @click.argument("suspect", type=click.Path(path_type=Path))
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Key file written by embed.")
@@ -183,8 +195,9 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
               help="Reference model (for example the original, or one trained independently) to run the same "
                    "key on; its images appear beside the suspect's.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@null_key_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def extract(suspect, key_path, output_dir, reference_path, force, as_json):
+def extract(suspect, key_path, output_dir, reference_path, force, null_keys, null_seed, as_json):
     """Extract the watermark images that KEY produces from SUSPECT."""
     from onnxmark.extract import extract as extract_images, extract_reference, write_evidence
     from onnxmark.files import OutputTransaction
@@ -193,15 +206,18 @@ def extract(suspect, key_path, output_dir, reference_path, force, as_json):
 
     key = load_key(key_path)
     with OutputTransaction(force=force) as transaction:
-        extraction = extract_images(suspect, key)
+        extraction = extract_images(suspect, key, null_keys=null_keys, null_seed=null_seed)
         reference = extract_reference(reference_path, key) if reference_path is not None else None
         summary = write_evidence(extraction, output_dir, transaction, key=key, key_path=key_path,
                                  reference=reference)
 
     lines = [f"{suspect}: mean SSIM {summary['ssim_mean']:.3f} (min {summary['ssim_min']:.3f}) over "
              f"{len(summary['keys'])} keys"]
-    lines += [f"  key {k['index']:2d}: SSIM {k['ssim']:.3f}  MSE {k['mse']:.4f}  {format_psnr(k['psnr'])}  {k['image']}"
-              for k in summary["keys"]]
+    if summary["p_value"] is not None:
+        lines.append(f"combined p-value {summary['p_value']:.3g} (Fisher's method over the keys' p-values, "
+                     f"{summary['null_keys']} random keys, seed {summary['null_seed']})")
+    lines += [f"  key {k['index']:2d}: SSIM {k['ssim']:.3f}  MSE {k['mse']:.4f}  {format_psnr(k['psnr'])}"
+              f"{_calibration_columns(k)}  {k['image']}" for k in summary["keys"]]
     lines += _reference_lines(summary["reference"])
     lines.append(f"key commitment: {summary['key_commitment']}")
     lines.append(f"side-by-side sheet: {summary['sheet']}")
@@ -356,6 +372,64 @@ def verify(key_path, public_key_path, signature_path, commitment, as_json):
     _print_result(result, as_json, [f"{outcome.status}: {outcome.message}"])
     if not outcome.valid:
         sys.exit(EXIT_VERIFICATION_FAILED)
+
+
+def _calibration_columns(entry: dict) -> str:
+    if entry.get("p_value") is None:
+        return ""
+    z_score = "n/a" if entry["z_score"] is None else f"{entry['z_score']:.1f}"
+    columns = (f"  p {entry['p_value']:.3g}  z {z_score}  random keys mean {entry['null_ssim_mean']:.3f}"
+               f" max {entry['null_ssim_max']:.3f}")
+    if entry["wrong_secret_ssim_max"] is not None:
+        columns += f"  other secrets max {entry['wrong_secret_ssim_max']:.3f}"
+    return columns
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Key file written by embed.")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("audit"),
+              show_default=True, help="Folder for summary.csv, summary.json and reports/, one report folder per file.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Worker processes that check files in parallel. Default: one per available core, at most one "
+                   "per file.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=1e-3, show_default=True,
+              help="Combined p-value under which a file's verdict column is pre-filled with 'see images'.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@null_key_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def audit(folder, key_path, output_dir, workers, alpha, force, null_keys, null_seed, as_json):
+    """Check every .onnx file under FOLDER with KEY and write a CSV and JSON summary and a report per file."""
+    from onnxmark.audit import AuditOptions, audit as audit_folder
+    from onnxmark.keyfile import load_key
+
+    key = load_key(key_path)
+    options = AuditOptions(output_dir=output_dir, workers=workers, null_keys=null_keys, null_seed=null_seed,
+                           alpha=alpha, force=force)
+    progress = ProgressLine(enabled=True)
+    try:
+        summary = audit_folder(folder, key, options, progress=progress)
+    finally:
+        progress.close()
+
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    for row in summary["files"]:
+        click.echo(_audit_line(row))
+    suggested = sum(1 for row in summary["files"] if row["verdict"])
+    failed = sum(1 for row in summary["files"] if row["error"])
+    click.echo(f"{len(summary['files'])} files, {suggested} with combined p-value under {alpha:g} (verdict "
+               f"'see images'), {failed} not checked")
+    click.echo(f"summary: {summary['csv']}, {summary['json']}; reports: {summary['reports']}")
+
+
+def _audit_line(row: dict) -> str:
+    if row["error"]:
+        return f"{row['file']}: not checked: {row['error']}"
+    p_value = "n/a" if row["p_value"] is None else f"{row['p_value']:.3g}"
+    verdict = f"  {row['verdict']}" if row["verdict"] else ""
+    return f"{row['file']}: mean SSIM {row['ssim_mean']:.3f}  p {p_value}{verdict}"
 
 
 @main.command()

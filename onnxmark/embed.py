@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnxmark import __version__
+from onnxmark.calibration import KEY_HIGH, KEY_LOW
 from onnxmark.data import (Dataset, InputSpec, Preprocessing, adapt_images, from_layout, load_dataset,
                            shifted_copies, split_held_out, to_layout)
 from onnxmark.errors import OnnxmarkError
@@ -27,8 +28,6 @@ from onnxmark.writeback import model_files, uses_external_data, write_back
 
 log = logging.getLogger(__name__)
 
-# Keys are drawn uniformly from this range so that they overlap the range of real logits.
-KEY_LOW, KEY_HIGH = -10.0, 10.0
 # A model whose held-out accuracy is below this multiple of chance level is trained from scratch.
 UNTRAINED_CHANCE_FACTOR = 2.0
 # A trained model is watermarked by constraint training alone, with small learning rates and a schedule

@@ -17,6 +17,8 @@ import onnx
 from PIL import Image, ImageDraw, ImageFont
 
 from onnxmark import __version__
+from onnxmark.calibration import (COMBINATION_METHOD, DEFAULT_NULL_KEYS, DEFAULT_NULL_SEED, Calibration, calibrate,
+                                  check_key_range, draw_null_keys)
 from onnxmark.canonical import CanonicalModel, canonical_model
 from onnxmark.commitment import key_commitment
 from onnxmark.data import from_layout
@@ -48,6 +50,7 @@ class Extraction:
     ssim: np.ndarray       # [K]
     mse: np.ndarray        # [K]
     notes: list[str] = field(default_factory=list)   # rewrites of the suspect undone before extraction
+    calibration: Calibration | None = None   # None when extracted without random keys
     file_sha256: str | None = None   # SHA-256 of the model file's bytes, when extract() read the file
 
     @property
@@ -57,15 +60,24 @@ class Extraction:
             return 10.0 * np.log10(1.0 / np.asarray(self.mse, dtype=np.float64))
 
     def summary(self, image_paths: list[str] | None = None) -> dict:
+        """Return the scores as `extract --json` prints them, with None in the calibration fields without random keys."""
         keys = []
         for index in range(len(self.ssim)):
             entry = {"index": index, "ssim": float(self.ssim[index]), "mse": float(self.mse[index])}
             entry["psnr"] = float(self.psnr[index]) if np.isfinite(self.psnr[index]) else None
+            if self.calibration is not None:
+                entry.update(self.calibration.key_entry(index))
             entry["image"] = image_paths[index] if image_paths else None
             keys.append(entry)
+
+        calibration = self.calibration
         return {"model": self.model, "model_sha256": self.model_sha256, "file_sha256": self.file_sha256,
-                "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()), "notes": self.notes,
-                "keys": keys}
+                "ssim_mean": float(self.ssim.mean()), "ssim_min": float(self.ssim.min()),
+                "p_value": None if calibration is None else calibration.p_value,
+                "p_value_method": None if calibration is None else COMBINATION_METHOD,
+                "null_keys": 0 if calibration is None else calibration.null_keys,
+                "null_seed": None if calibration is None else calibration.null_seed,
+                "notes": self.notes, "keys": keys}
 
 
 @dataclass
@@ -83,37 +95,46 @@ class Reference:
         return {**self.extraction.summary(image_paths), "mismatch": None}
 
 
-def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None) -> Extraction:
+def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None,
+            null_keys: int = DEFAULT_NULL_KEYS, null_seed: int = DEFAULT_NULL_SEED) -> Extraction:
     """Extract the key's images from a suspect file (or an already loaded model of that file).
 
     The suspect is first brought into canonical float form: quantization, fused operators, fp16 weights and
     folded batch norms are undone, and a classification head trained anew is replaced by the key's. The
-    notes of the result say which rewrites were undone.
+    notes of the result say which rewrites were undone. With `null_keys` above 0, that many random keys
+    drawn with `null_seed` go through the same transposed model, and their images calibrate each key's
+    SSIM (see onnxmark.calibration).
     """
     file_hash = None
     if model is None:
         model = load_onnx(suspect)
         file_hash = file_sha256(suspect)
     canonical = canonical_model(model, key.batch_norms, key.head)
-    extraction = _extract_canonical(suspect, key, canonical, model_sha256(model))
+    extraction = _extract_canonical(suspect, key, canonical, model_sha256(model), null_keys, null_seed)
     extraction.file_sha256 = file_hash
     return extraction
 
 
-def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel, digest: str) -> Extraction:
+def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel, digest: str, null_keys: int,
+                       null_seed: int) -> Extraction:
     graph = import_graph(suspect, canonical.model)
     plan = build_plan(graph)
     check_signature(key.signature, plan.signature(graph), str(suspect))
     plan.frozen_values = _frozen_by_position(plan, graph, key)
 
+    random_keys = draw_null_keys(null_keys, key.keys.shape[1], null_seed)
+    if null_keys:
+        check_key_range(key.keys)
     transposed = build_transposed_model(plan, graph)
-    values = run_transposed(transposed, key.keys)
+    values = run_transposed(transposed, np.concatenate([key.keys, random_keys]))
     pixels = key.preprocessing.to_pixels(from_layout(values, key.input_spec))
-    images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
+    all_images = np.clip(pixels, 0.0, 1.0).astype(np.float32)
+    images, null_images = all_images[:len(key.keys)].copy(), all_images[len(key.keys):]
 
+    calibration = calibrate(images, null_images, key.secrets, null_seed) if null_keys else None
     return Extraction(model=str(suspect), model_sha256=digest, images=images, secrets=key.secrets,
                       ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets),
-                      notes=list(canonical.notes))
+                      notes=list(canonical.notes), calibration=calibration)
 
 
 def extract_reference(reference: str | Path, key: Key) -> Reference:

@@ -100,6 +100,19 @@ class ModelGraph:
         raise KeyError(tensor)
 
 
+# Intra-op threads of every onnxruntime session this process creates; 0 lets onnxruntime use one per core.
+_runtime_threads = 0
+
+
+def set_runtime_threads(count: int) -> None:
+    """Limit every later onnxruntime session of this process to `count` threads (0: one per core).
+
+    Worker processes that share the cores call this, so that they do not each start one thread per core.
+    """
+    global _runtime_threads
+    _runtime_threads = count
+
+
 def runtime_session(model_bytes: bytes):
     """Return an onnxruntime CPU session that reports errors only.
 
@@ -109,6 +122,7 @@ def runtime_session(model_bytes: bytes):
 
     options = ort.SessionOptions()
     options.log_severity_level = ERRORS_ONLY
+    options.intra_op_num_threads = _runtime_threads
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 

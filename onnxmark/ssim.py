@@ -76,17 +76,30 @@ def _valid_filter_matrix(length: int, kernel: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def _ssim_per_channel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Return the mean SSIM map value per leading index, for a and b shaped [..., H, W]."""
-    height, width = a.shape[-2:]
+def _local_mean_filter(height: int, width: int):
+    """Return the Gaussian local mean for images of this size: [..., H, W] -> [..., H', W'] ('valid')."""
     size = window_size_for(height, width)
     kernel = gaussian_kernel_1d(size, window_sigma_for(size))
     rows_filter = _valid_filter_matrix(height, kernel)
     columns_filter = _valid_filter_matrix(width, kernel)
 
     def local_mean(x: np.ndarray) -> np.ndarray:
-        # The separable Gaussian as two banded matrix products: [..., H, W] -> [..., H', W'].
+        # The separable Gaussian as two banded matrix products.
         return rows_filter @ x @ columns_filter.T
+
+    return local_mean
+
+
+def _ssim_map_mean(mean_a, mean_b, variance_a, variance_b, covariance) -> np.ndarray:
+    """Return the mean of the SSIM map over the last two axes, from the local moments."""
+    numerator = (2.0 * mean_a * mean_b + C1) * (2.0 * covariance + C2)
+    denominator = (mean_a**2 + mean_b**2 + C1) * (variance_a + variance_b + C2)
+    return (numerator / denominator).mean(axis=(-2, -1))
+
+
+def _ssim_per_channel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the mean SSIM map value per leading index, for a and b shaped [..., H, W]."""
+    local_mean = _local_mean_filter(*a.shape[-2:])
 
     a = a.astype(np.float64, copy=False)
     b = b.astype(np.float64, copy=False)
@@ -95,11 +108,7 @@ def _ssim_per_channel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     variance_a = local_mean(a * a) - mean_a**2
     variance_b = local_mean(b * b) - mean_b**2
     covariance = local_mean(a * b) - mean_a * mean_b
-
-    numerator = (2.0 * mean_a * mean_b + C1) * (2.0 * covariance + C2)
-    denominator = (mean_a**2 + mean_b**2 + C1) * (variance_a + variance_b + C2)
-    ssim_map = numerator / denominator
-    return ssim_map.mean(axis=(-2, -1))
+    return _ssim_map_mean(mean_a, mean_b, variance_a, variance_b, covariance)
 
 
 def _validate_pair(
@@ -137,6 +146,38 @@ def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b)
     _validate_pair(a, b, (4,), "[N, C, H, W]")
     return _ssim_per_channel(a, b).mean(axis=1)
+
+
+def ssim_matrix(images: np.ndarray, references: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """Return the SSIM of every image with every reference, [N, K], for batches shaped [N, C, H, W] and [K, C, H, W].
+
+    Entry [i, k] equals `ssim_batch` of image i and reference k. The local means and variances of each image
+    and each reference are computed once, so only the covariance is computed per pair. Images go through in
+    chunks of `chunk` to bound the memory of the float64 intermediates.
+    """
+    images = np.asarray(images)
+    references = np.asarray(references)
+    if images.ndim != 4 or references.ndim != 4 or images.shape[1:] != references.shape[1:]:
+        raise ValueError(f"SSIM matrix needs batches shaped [N, C, H, W] and [K, C, H, W] with the same C, H and W, "
+                         f"got {images.shape} and {references.shape}")
+    _validate_pair(images[:1], references[:1], (4,), "[N, C, H, W]")
+
+    local_mean = _local_mean_filter(*images.shape[-2:])
+    refs = references.astype(np.float64)
+    mean_refs = local_mean(refs)                                   # [K, C, H', W']
+    variance_refs = local_mean(refs * refs) - mean_refs**2
+
+    scores = np.empty((len(images), len(references)), dtype=np.float64)
+    for start in range(0, len(images), chunk):
+        batch = images[start:start + chunk].astype(np.float64)    # [n, C, H, W]
+        mean_batch = local_mean(batch)
+        variance_batch = local_mean(batch * batch) - mean_batch**2
+        for index, reference in enumerate(refs):
+            covariance = local_mean(batch * reference) - mean_batch * mean_refs[index]
+            per_channel = _ssim_map_mean(mean_batch, mean_refs[index], variance_batch, variance_refs[index],
+                                         covariance)                # [n, C]
+            scores[start:start + chunk, index] = per_channel.mean(axis=1)
+    return scores
 
 
 def mse_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:

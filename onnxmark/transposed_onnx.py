@@ -14,6 +14,8 @@ from onnxmark.plan import Plan
 TRANSPOSED_OPSET = 18
 KEY_INPUT = "key"
 IMAGE_OUTPUT = "image"
+# Keys per onnxruntime call when many keys go through the transposed model at once.
+TRANSPOSED_BATCH = 32
 
 
 class OnnxBuilder:
@@ -102,9 +104,14 @@ def _checked_frozen(plan: Plan, frozen: dict[str, np.ndarray]) -> dict[str, np.n
     return frozen
 
 
-def run_transposed(model: onnx.ModelProto, keys: np.ndarray) -> np.ndarray:
-    """Run the transposed graph on key vectors with onnxruntime; return images in the model's layout."""
+def run_transposed(model: onnx.ModelProto, keys: np.ndarray, batch_size: int = TRANSPOSED_BATCH) -> np.ndarray:
+    """Run the transposed graph on key vectors with onnxruntime; return images in the model's layout.
+
+    One session runs all keys, `batch_size` keys at a time, to bound the memory of large images.
+    """
     keys = np.asarray(keys, dtype=np.float32)
+    keys = keys.reshape(len(keys), -1)
     session = runtime_session(model.SerializeToString())
-    (images,) = session.run([IMAGE_OUTPUT], {KEY_INPUT: keys.reshape(len(keys), -1)})
-    return images
+    batches = [session.run([IMAGE_OUTPUT], {KEY_INPUT: keys[start:start + batch_size]})[0]
+               for start in range(0, len(keys), batch_size)]
+    return np.concatenate(batches)

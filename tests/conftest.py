@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,37 @@ def real_model_options(name: str) -> list[str]:
     """The command-line preprocessing options that preprocessing.json records for a real model."""
     settings = json.loads((SHARED_MODELS / "preprocessing.json").read_text())
     return list(settings[name]["options"])
+
+
+@pytest.fixture(scope="session")
+def watermarked_fixture(tmp_path_factory):
+    """Embed the shipped fixture model once per session with default settings; return embed's summary."""
+    from onnxmark.embed import EmbedOptions, embed
+
+    folder = tmp_path_factory.mktemp("watermarked_fixture")
+    return embed(FIXTURE_MODEL, EmbedOptions(data="mnist-sample", output_dir=folder))
+
+
+@pytest.fixture(scope="session")
+def embedded_real_model(tmp_path_factory):
+    """Return a function that embeds a real model with its recorded preprocessing, once per session.
+
+    The function runs `onnxmark embed --json` with the default settings (teacher mode where preprocessing.json
+    asks for it, `extra` options appended) and returns its summary. It skips when the model is absent.
+    """
+    summaries = {}
+
+    def embed_once(name: str, *extra: str) -> dict:
+        if (name, extra) not in summaries:
+            path = real_model(name)
+            setting = json.loads((SHARED_MODELS / "preprocessing.json").read_text())[name]
+            teacher = ["--teacher"] if setting["teacher"] else []
+            folder = tmp_path_factory.mktemp(Path(name).stem)
+            result = subprocess.run([sys.executable, "-m", "onnxmark", "embed", str(path), "--data", setting["data"],
+                                     *setting["options"], *teacher, *extra, "-o", str(folder), "--json"],
+                                    capture_output=True, text=True, cwd=ROOT)
+            assert result.returncode == 0, result.stderr
+            summaries[name, extra] = json.loads(result.stdout.strip().splitlines()[-1])
+        return summaries[name, extra]
+
+    return embed_once
