@@ -331,3 +331,34 @@ def test_structural_form_keeps_conv_shapes():
 
     with pytest.raises(OnnxmarkError, match="transposed layer 0 should be Conv"):
         check_signature([conv], [other], "suspect.onnx")
+
+
+def relabel_as_opset_13(source: Path, target: Path) -> None:
+    """Write the fixture as opset 13, which onnx's version converter cannot do from 17 (no Shape-15 adapter).
+
+    The fixture's nodes mean the same at 13 and 17 once Reshape drops its default allowzero=0, so the file
+    is what an exporter at opset 13 writes.
+    """
+    model = onnx.load(str(source))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 13
+    for node in model.graph.node:
+        kept = [a for a in node.attribute if not (node.op_type == "Reshape" and a.name == "allowzero" and a.i == 0)]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(target))
+
+
+def test_opset_13_and_back_to_17_keep_watermark(fixture_watermarked, tmp_path):
+    model, key_path = fixture_watermarked
+    key = load_key(key_path)
+    baseline = extract(model, key).ssim.mean()
+    opset_13 = tmp_path / "opset13.onnx"
+    relabel_as_opset_13(model, opset_13)
+    opset_17 = tmp_path / "opset17.onnx"
+    convert_opset(opset_13, opset_17, 17)
+
+    assert abs(extract(opset_13, key).ssim.mean() - baseline) <= SSIM_TOLERANCE
+    assert abs(extract(opset_17, key).ssim.mean() - baseline) <= SSIM_TOLERANCE
