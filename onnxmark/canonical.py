@@ -52,7 +52,7 @@ def canonical_model(model: onnx.ModelProto, batch_norms: list[dict] | None = Non
     if batch_norms:
         notes += restore_batch_norms(canonical, batch_norms)
     if head is not None:
-        notes += restore_head(canonical, head)
+        notes += restore_head(canonical, head, batch_norms)
     return CanonicalModel(canonical, notes)
 
 

@@ -164,6 +164,22 @@ def _weight_is_input_major(node: onnx.NodeProto) -> bool:
     return node.op_type == "MatMul" or (node.op_type == "Gemm" and not attributes(node).get("transB", 0))
 
 
+def _restore_head_batch_norm(model: onnx.ModelProto, layer: onnx.NodeProto, records: list[dict]) -> None:
+    layers = folding_layers(model)
+    if layer not in layers:
+        return
+    record = next((r for r in records if r["layer_index"] == layers.index(layer)), None)
+    norm = next((node for node in model.graph.node if layer.output[0] in node.input), None)
+    if record is None or norm is None or norm.op_type != "BatchNormalization":
+        return
+    initializers = {init.name: init for init in model.graph.initializer}
+    names = list(norm.input[1:5])
+    if not all(name in initializers for name in names):
+        return
+    for name, part in zip(names, BATCH_NORM_ARRAYS):
+        initializers[name].CopyFrom(numpy_helper.from_array(np.asarray(record[part], np.float32), name))
+
+
 def head_values(model: onnx.ModelProto) -> list[np.ndarray]:
     """Return the classification head's weight (2-D weights as [classes, inputs]) and bias, for the key."""
     node, names = head_layer(model)
@@ -182,12 +198,13 @@ def _fits_body(own: tuple[int, ...], stored: tuple[int, ...], node: onnx.NodePro
     return all(a == b for axis, (a, b) in enumerate(zip(own, stored)) if axis != class_axis)
 
 
-def restore_head(model: onnx.ModelProto, head: list[np.ndarray]) -> list[str]:
+def restore_head(model: onnx.ModelProto, head: list[np.ndarray], batch_norms: list[dict] | None = None) -> list[str]:
     """Put the key's classification head into the model, in place, where the suspect's head is a new one.
 
     A head counts as new when its weight has another shape, or when it lies farther than
     HEAD_REPLACED_DISTANCE from the key's (relative L2 distance): quantization and fine-tuning move a head
-    by a few percent, a head trained anew for as many classes moves it by about its own size.
+    by a few percent, a head trained anew for as many classes moves it by about its own size. A batch norm
+    right after the head gets the key's values back too, where `batch_norms` records it.
     """
     node, names = head_layer(model)
     if node is None or len(names) != len(head):
@@ -207,6 +224,7 @@ def restore_head(model: onnx.ModelProto, head: list[np.ndarray]) -> list[str]:
 
     for name, value in zip(names, head):
         initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+    _restore_head_batch_norm(model, node, batch_norms or [])
     for output in model.graph.output:
         output.type.tensor_type.ClearField("shape")
     return [f"checked with the classification head stored in the key (weight {list(head[0].shape)}) in place "

@@ -563,3 +563,21 @@ def test_attack_text_output(watermarked, tmp_path):
 
     assert "attacked model:" in result.stdout
     assert "held-out accuracy" in result.stdout
+
+
+def test_new_head_replaces_batch_norm_after_it(tmp_path):
+    """The burn model's logits come from a BatchNormalization after its last Gemm; both are replaced."""
+    from onnxmark.attacks.finetune import find_head, with_new_head
+    from onnxmark.graph import import_graph
+    from tests.conftest import real_model
+
+    path = real_model("pytorch2.0.0_burn_mnist_bn.onnx")
+    head = find_head(import_graph(path))
+    model = with_new_head(onnx.load(path), head, 12, np.random.default_rng(0))
+    output = tmp_path / "new_head.onnx"
+    onnx.save(model, output)
+
+    assert head.weight == "fc2.weight"
+    assert head.norm is not None and head.norm.op_type == "BatchNormalization"
+    assert initializers(output)["norm2.running_var"].shape == (12,)
+    assert logits(output, digits(1)).shape == (1, 12)   # the burn model has a fixed batch of 1

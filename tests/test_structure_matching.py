@@ -362,3 +362,24 @@ def test_opset_13_and_back_to_17_keep_watermark(fixture_watermarked, tmp_path):
 
     assert abs(extract(opset_13, key).ssim.mean() - baseline) <= SSIM_TOLERANCE
     assert abs(extract(opset_17, key).ssim.mean() - baseline) <= SSIM_TOLERANCE
+
+
+def test_new_head_and_its_batch_norm_are_restored(burn_watermarked, tmp_path):
+    model, key_path = burn_watermarked
+    key = load_key(key_path)
+    baseline = extract(model, key).ssim.mean()
+    suspect = tmp_path / "new_head.onnx"
+    attacked = onnx.load(str(model))
+    rng = np.random.default_rng(3)
+    fresh = {"fc2.weight": rng.uniform(-0.2, 0.2, (10, 32)), "fc2.bias": rng.uniform(-0.2, 0.2, 10),
+             "norm2.weight": np.ones(10), "norm2.bias": np.zeros(10), "norm2.running_mean": np.zeros(10),
+             "norm2.running_var": np.ones(10)}
+    for tensor in attacked.graph.initializer:
+        if tensor.name in fresh:
+            tensor.CopyFrom(numpy_helper.from_array(fresh[tensor.name].astype(np.float32), tensor.name))
+    onnx.save(attacked, str(suspect))
+
+    extraction = extract(suspect, key)
+
+    assert abs(extraction.ssim.mean() - baseline) <= SSIM_TOLERANCE
+    assert any("head stored in the key" in note for note in extraction.notes)

@@ -106,9 +106,11 @@ def replace_head(original: onnx.ModelProto, context: AttackContext) -> Attacked:
     model = with_new_head(original, head, options.classes, rng)
     graph = import_graph(context.model_path, model)
 
-    trainable = [head.weight, head.bias] if options.head_only else None
-    if trainable and head.bias is None:
-        trainable = [head.weight]
+    trainable = None
+    if options.head_only:
+        trainable = [name for name in (head.weight, head.bias) if name is not None]
+        if head.norm is not None:
+            trainable += head.norm.inputs[1:3]
     values = fine_tune(graph, LabelledInputs(data.inputs, labels, data.source), context, trainable=trainable)
     return Attacked(write_back(model, values), {
         "classes_before": head.classes, "classes": options.classes, "head_weight": head.weight,
@@ -119,17 +121,27 @@ def replace_head(original: onnx.ModelProto, context: AttackContext) -> Attacked:
 class Head:
     """The classifier's last layer: the node computing the logits, its weight and bias initializers."""
 
-    def __init__(self, node: Node, weight: str, bias: str | None, classes_axis: int, classes: int):
+    def __init__(self, node: Node, weight: str, bias: str | None, classes_axis: int, classes: int,
+                 norm: Node | None = None):
         self.node = node
         self.weight = weight
         self.bias = bias
         self.classes_axis = classes_axis   # axis of the weight that runs over the classes
         self.classes = classes
+        self.norm = norm                   # a BatchNormalization between the layer and the logits
 
 
 def find_head(graph: ModelGraph) -> Head:
-    """Find the Gemm, or MatMul with a following Add, whose output is the logits; raise when there is none."""
+    """Find the Gemm, or MatMul with a following Add, whose output is the logits; raise when there is none.
+
+    A BatchNormalization right before the logits belongs to the head and is replaced with it.
+    """
     node = graph.producer(graph.logits_name)
+    norm = None
+    if node is not None and node.op_type == "BatchNormalization" and \
+            all(name in graph.constants for name in node.inputs[1:5]):
+        norm = node
+        node = graph.producer(node.inputs[0])
     bias = None
     if node is not None and node.op_type == "Add":
         constant = [name for name in node.inputs if name in graph.constants]
@@ -154,7 +166,7 @@ def find_head(graph: ModelGraph) -> Head:
     if len(shape) != 2:
         raise OnnxmarkError(f"{graph.path}: the last layer's weight '{weight}' has shape {list(shape)}, but "
                             "replace-head needs a 2-D weight")
-    return Head(node, weight, bias, classes_axis, shape[classes_axis])
+    return Head(node, weight, bias, classes_axis, shape[classes_axis], norm)
 
 
 def with_new_head(original: onnx.ModelProto, head: Head, classes: int, rng: np.random.Generator) -> onnx.ModelProto:
@@ -185,6 +197,13 @@ def with_new_head(original: onnx.ModelProto, head: Head, classes: int, rng: np.r
         old_bias = numpy_helper.to_array(initializers[head.bias])
         initializers[head.bias].CopyFrom(numpy_helper.from_array(
             rng.uniform(-bound, bound, (classes,)).astype(old_bias.dtype), head.bias))
+
+    if head.norm is not None:
+        # A new batch norm for the new classes starts as torch.nn.BatchNorm1d does: scale 1, bias 0, mean 0,
+        # variance 1.
+        for name, fill in zip(head.norm.inputs[1:5], (1.0, 0.0, 0.0, 1.0)):
+            old = numpy_helper.to_array(initializers[name])
+            initializers[name].CopyFrom(numpy_helper.from_array(np.full((classes,), fill, old.dtype), name))
 
     _declare_classes(model, head.classes, classes)
     return model
