@@ -20,7 +20,7 @@ from onnxmark.extract import extract, write_evidence
 from onnxmark.files import OutputTransaction
 from onnxmark.frozen import record_frozen
 from onnxmark.graph import ModelGraph, import_graph, load_onnx
-from onnxmark.keyfile import Key, model_sha256
+from onnxmark.keyfile import Key, model_sha256, sha256_bytes
 from onnxmark.plan import build_plan, require_layers
 from onnxmark.restore import batch_norm_records, head_values
 from onnxmark.secrets import DEFAULT_SECRET_COUNT, default_texts, load_secret_image, render_text
@@ -147,8 +147,13 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         written = model_files(watermarked, paths["model"], external)
         for path, data in written.items():
             transaction.write_bytes(path, data)
-        transaction.write_text(paths["key"], key.to_json(), private=True)
-        evidence = write_evidence(extraction, paths["evidence"], transaction, key=key)
+        key_text = key.to_json()
+        transaction.write_text(paths["key"], key_text, private=True)
+        # The evidence names the files as `onnxmark extract` on them would, so that extracting into the same
+        # folder later writes identical files.
+        extraction.file_sha256 = sha256_bytes(written[paths["model"]])
+        evidence = write_evidence(extraction, paths["evidence"], transaction, key=key, key_path=paths["key"],
+                                  key_file_sha256=sha256_bytes(key_text.encode("utf-8")))
 
     return {
         "model": str(paths["model"]),

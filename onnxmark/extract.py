@@ -188,14 +188,16 @@ def _frozen_by_position(plan, graph, key: Key) -> dict[str, np.ndarray]:
 
 
 def write_evidence(extraction: Extraction, folder: Path, transaction: OutputTransaction, key: Key | None = None,
-                   key_path: str | Path | None = None, reference: Reference | None = None) -> dict:
+                   key_path: str | Path | None = None, reference: Reference | None = None,
+                   key_file_sha256: str | None = None) -> dict:
     """Write keyNN.png per key, sheet.png, report.html and scores.json, and return the summary with the paths.
 
     With `key`, the report shows the key's commitment and the model hash it records. With `key_path`, it also
-    shows the key file's SHA-256. With `reference`, it shows the images the key extracts from that model.
+    shows the key file's SHA-256, read from the file unless `key_file_sha256` gives it (a key file that is
+    still being written). With `reference`, it shows the images the key extracts from that model.
     """
     summary = extraction.summary(_write_images(extraction.images, folder / "key", transaction))
-    summary.update(_provenance(key, key_path))
+    summary.update(_provenance(key, key_path, key_file_sha256))
 
     reference_images = None
     summary["reference"] = None
@@ -227,7 +229,7 @@ def _write_images(images: np.ndarray, prefix: Path, transaction: OutputTransacti
     return paths
 
 
-def _provenance(key: Key | None, key_path: str | Path | None) -> dict:
+def _provenance(key: Key | None, key_path: str | Path | None, key_file_sha256: str | None = None) -> dict:
     """Return the date, the versions and, where given, the key's file hash and commitment."""
     import onnxruntime
 
@@ -236,7 +238,7 @@ def _provenance(key: Key | None, key_path: str | Path | None) -> dict:
                "onnxmark_version": __version__, "onnxruntime_version": onnxruntime.__version__}
     if key_path is not None:
         details["key"] = str(key_path)
-        details["key_sha256"] = file_sha256(key_path)
+        details["key_sha256"] = key_file_sha256 or file_sha256(key_path)
     if key is not None:
         details["key_commitment"] = key_commitment(key)
         details["key_model_sha256"] = key.model_sha256

@@ -67,6 +67,17 @@ def test_extract_matches_embed(embedded, tmp_path):
     assert (tmp_path / "evidence" / "sheet.png").is_file()
 
 
+def test_extract_into_embed_evidence_rewrites_nothing(embedded):
+    folder, summary = embedded
+    evidence = Path(summary["evidence"])
+    before = {path.name: path.read_bytes() for path in evidence.iterdir()}
+
+    result = onnxmark("extract", summary["model"], "--key", summary["key"], "-o", evidence, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert {path.name: path.read_bytes() for path in evidence.iterdir()} == before
+
+
 def test_unwatermarked_training_is_control(embedded):
     """Same training without watermark: accuracy within 1 point, and the key finds nothing in it."""
     folder, summary = embedded
