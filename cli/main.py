@@ -109,7 +109,10 @@ def _float_pair(ctx, param, value):
 @click.option("--held-out", type=click.IntRange(1), default=1000, show_default=True,
               help="Number of images held out to measure accuracy and agreement with the original.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Training batch size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of keys, secrets, split and training.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the key vectors, the default secret texts, the held-out split and training, for a "
+                   "repeatable run. Without it the key vectors and secret texts come from the operating system's "
+                   "random source, so that nobody can rebuild them, and the split and training use seed 0.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def embed(model, data, output_dir, secret_texts, secret_images, key_count, input_range, mean, std, ssim_target,
@@ -127,7 +130,7 @@ def embed(model, data, output_dir, secret_texts, secret_images, key_count, input
         secret_images=[str(p) for p in secret_images], key_count=key_count,
         preprocessing=_preprocessing(input_range, mean, std), ssim_target=ssim_target,
         max_hardening_steps=max_hardening_steps, epochs=epochs, mode=mode, teacher=teacher, held_out=held_out,
-        batch_size=batch_size, seed=seed, force=force)
+        batch_size=batch_size, seed=0 if seed is None else seed, secure_keys=seed is None, force=force)
 
     progress = ProgressLine(enabled=True)
     try:
@@ -165,6 +168,15 @@ def _preprocessing(input_range, mean, std):
     if input_range is not None:
         return Preprocessing(low=input_range[0], high=input_range[1])
     return Preprocessing()
+
+
+def _preprocessing_or_key(input_range, mean, std, key_path):
+    """Return the preprocessing the options give, or the one the key records where no option gives one."""
+    from onnxmark.keyfile import load_key
+
+    if input_range is None and mean is None and std is None and key_path is not None:
+        return load_key(key_path).preprocessing
+    return _preprocessing(input_range, mean, std)
 
 
 def _floats(option: str, text: str) -> tuple[float, ...]:
@@ -467,7 +479,8 @@ def _preprocessing_options(command):
     command = click.option("--mean", type=str, default=None,
                            help="Per-channel mean (comma-separated) of mean/std input normalisation.")(command)
     return click.option("--input-range", nargs=2, type=float, default=None, callback=_float_pair,
-                        help="Model input value range LO HI that pixels 0..1 map to (default 0 1).")(command)
+                        help="Model input value range LO HI that pixels 0..1 map to. Default: the preprocessing "
+                             "that --key (or --watch-key) records, else 0 1.")(command)
 
 
 @main.command()
@@ -545,7 +558,8 @@ def attack(kind, model, output, data, train_data, input_range, mean, std, held_o
     from onnxmark.attacks import AttackOptions, run_attack
 
     options = AttackOptions(
-        data=data, train_data=train_data, preprocessing=_preprocessing(input_range, mean, std), held_out=held_out,
+        data=data, train_data=train_data, held_out=held_out,
+        preprocessing=_preprocessing_or_key(input_range, mean, std, key_path or watch_key),
         batch_size=batch_size, seed=seed, force=force, epochs=epochs, lr=lr, level=level, mode=mode,
         calibration_size=calibration_size, target=target, classes=classes, head_only=head_only, steps=steps,
         measure_every=measure_every, attacker_keys=attacker_keys, key=key_path, watch_key=watch_key,
@@ -613,7 +627,8 @@ def robustness(model, key_path, data, output_dir, attacks, input_range, mean, st
     """Attack MODEL at several strengths and report accuracy and mean SSIM of KEY's secrets for each."""
     from onnxmark.robustness import RobustnessOptions, robustness as run_grid
 
-    options = RobustnessOptions(data=data, output_dir=output_dir, preprocessing=_preprocessing(input_range, mean, std),
+    options = RobustnessOptions(data=data, output_dir=output_dir,
+                                preprocessing=_preprocessing_or_key(input_range, mean, std, key_path),
                                 attacks=attacks, held_out=held_out, seed=seed, keep_models=keep_models, force=force)
 
     progress = ProgressLine(enabled=True)

@@ -178,7 +178,7 @@ class Preprocessing:
         if self.mean is not None and len(self.mean) not in (1, channels):
             raise OnnxmarkError(
                 f"Preprocessing mean/std have {len(self.mean)} values, which does not match the channel count "
-                f"{channels}. Give 1 value or {channels}."
+                f"{channels}. " + ("Give 1 value." if channels == 1 else f"Give 1 value or {channels}.")
             )
 
     def to_model(self, pixels: np.ndarray) -> np.ndarray:

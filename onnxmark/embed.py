@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import secrets as secrets_module
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,13 @@ class EmbedOptions:
     batch_size: int = 64
     seed: int = 0
     force: bool = False
+    # When set, the key vectors and default secret texts come from the operating system's random source
+    # instead of `seed`, so that nobody can rebuild them from onnxmark's defaults.
+    secure_keys: bool = False
+
+
+# Files of the evidence folder checked before the long work starts (the key images are written as well).
+EVIDENCE_FILES = ("sheet.png", "report.html", "scores.json")
 
 
 def output_paths(model_path: Path, output_dir: Path) -> dict[str, Path]:
@@ -104,8 +112,11 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         paths["model_data"] = paths["model"].with_name(f"{paths['model'].name}.data")
 
     with OutputTransaction(force=options.force) as transaction:
-        for path in paths.values():
-            transaction.check(path)
+        for name, path in paths.items():
+            if name != "evidence":
+                transaction.check(path)
+        for name in EVIDENCE_FILES:
+            transaction.check(paths["evidence"] / name)
 
         inputs, labels, teacher = _prepared_data(options, spec, graph)
         train, held = split_held_out(len(inputs), options.held_out, options.seed)
@@ -113,8 +124,9 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         accuracy_before = None if labels is None else accuracy(original_bytes, inputs[held], labels[held])
         trained = teacher or _is_trained(options.mode, accuracy_before, _class_count(graph))
 
-        secrets = _secrets(options, spec)
-        keys = np.random.default_rng(options.seed).uniform(KEY_LOW, KEY_HIGH, (len(secrets), _class_count(graph)))
+        key_rng = np.random.default_rng(_key_seed(options))
+        secrets = _secrets(options, spec, key_rng)
+        keys = key_rng.uniform(KEY_LOW, KEY_HIGH, (len(secrets), _class_count(graph)))
         config = _training_config(options, trained, teacher)
         plan.frozen_values = record_frozen(plan, graph, inputs[train])
         watermarker = Watermarker(graph, plan, spec, options.preprocessing, keys.astype(np.float32), secrets, config)
@@ -301,10 +313,16 @@ def _is_trained(mode: str, accuracy_before: float, classes: int) -> bool:
     return mode == "trained"
 
 
-def _secrets(options: EmbedOptions, spec: InputSpec) -> np.ndarray:
+def _key_seed(options: EmbedOptions) -> int:
+    """Return the seed of the key vectors and default secret texts: 128 bits from the OS, or the run's seed."""
+    return secrets_module.randbits(128) if options.secure_keys else options.seed
+
+
+def _secrets(options: EmbedOptions, spec: InputSpec, key_rng: np.random.Generator) -> np.ndarray:
     if options.secret_images:
         images = [load_secret_image(p, spec.channels, spec.height, spec.width) for p in options.secret_images]
     else:
-        texts = options.secret_texts or default_texts(options.key_count, options.seed)
+        text_seed = int(key_rng.integers(2**63)) if options.secure_keys else options.seed
+        texts = options.secret_texts or default_texts(options.key_count, text_seed)
         images = [render_text(t, spec.channels, spec.height, spec.width) for t in texts]
     return np.stack(images).astype(np.float32)

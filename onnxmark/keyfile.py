@@ -98,7 +98,13 @@ def load_key(path: str | Path) -> Key:
     path = Path(path)
     if not path.is_file():
         raise OnnxmarkError(f"Key file not found: {path}")
-    return Key.from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OnnxmarkError(f"{path} is not a valid key file: it is not UTF-8 text") from None
+    except OSError as error:
+        raise OnnxmarkError(f"Failed to read the key file {path}: {error}") from None
+    return Key.from_json(text, str(path))
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -209,7 +209,8 @@ def check_signature(expected: list[dict], actual: list[dict], suspect: str) -> N
     if len(expected) != len(actual):
         raise OnnxmarkError(
             f"The key does not fit {suspect}: the key expects {len(expected)} transposed layers, "
-            f"the suspect has {len(actual)}. It is another architecture; compare it with the model the key "
+            f"the suspect has {len(actual)} (both counted without Identity, Dropout and Cast steps and with a "
+            "bias Add as part of its layer). It is another architecture; compare it with the model the key "
             "was made for.")
     for index, (want, have) in enumerate(zip(expected, actual)):
         if want != have:

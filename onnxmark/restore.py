@@ -216,11 +216,13 @@ def restore_head(model: onnx.ModelProto, head: list[np.ndarray], batch_norms: li
     shapes = [tuple(initializers[name].dims) for name in names]
     if not _fits_body(shapes[0], head[0].shape, node):
         return []
+    reason = "it has another shape"
     if shapes[0] == head[0].shape:
         own = numpy_helper.to_array(initializers[names[0]]).astype(np.float32)
         distance = float(np.linalg.norm(own - head[0]) / max(np.linalg.norm(head[0]), 1e-12))
         if distance <= HEAD_REPLACED_DISTANCE:
             return []
+        reason = f"it lies {distance:.2f} (relative L2 distance) from the key's, so it was trained anew"
 
     for name, value in zip(names, head):
         initializers[name].CopyFrom(numpy_helper.from_array(value, name))
@@ -228,4 +230,4 @@ def restore_head(model: onnx.ModelProto, head: list[np.ndarray], batch_norms: li
     for output in model.graph.output:
         output.type.tensor_type.ClearField("shape")
     return [f"checked with the classification head stored in the key (weight {list(head[0].shape)}) in place "
-            f"of the suspect's own (weight {list(shapes[0])})"]
+            f"of the suspect's own (weight {list(shapes[0])}), because {reason}"]

@@ -34,7 +34,7 @@ def watermarked_fixture(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.getbasetemp() / "watermarked-fixture"
     summary_path = folder / "summary.json"
     if not summary_path.exists():
-        result = onnxmark("embed", FIXTURE_MODEL, "--data", "mnist-sample", "-o", folder, "--json")
+        result = onnxmark("embed", FIXTURE_MODEL, "--data", "mnist-sample", "-o", folder, "--seed", 0, "--json")
         summary_path.write_text(json.dumps(last_json(result)))
     summary = json.loads(summary_path.read_text())
     return Path(summary["model"]), Path(summary["key"])
@@ -581,3 +581,18 @@ def test_new_head_replaces_batch_norm_after_it(tmp_path):
     assert head.norm is not None and head.norm.op_type == "BatchNormalization"
     assert initializers(output)["norm2.running_var"].shape == (12,)
     assert logits(output, digits(1)).shape == (1, 12)   # the burn model has a fixed batch of 1
+
+
+def test_preprocessing_defaults_to_key(watermarked, tmp_path):
+    from cli.main import _preprocessing_or_key
+    from onnxmark.data import Preprocessing
+
+    _, key_path = watermarked
+    key = load_key(key_path)
+    key.preprocessing = Preprocessing(mean=(0.1307,), std=(0.3081,))
+    normalised = tmp_path / "key.json"
+    normalised.write_text(key.to_json())
+
+    assert _preprocessing_or_key(None, None, None, normalised).to_dict() == key.preprocessing.to_dict()
+    assert _preprocessing_or_key((0.0, 255.0), None, None, normalised).to_dict() == \
+        Preprocessing(low=0.0, high=255.0).to_dict()

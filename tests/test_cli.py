@@ -34,7 +34,7 @@ def last_json(result):
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("embed")
-    result = onnxmark("embed", FIXTURE_MODEL, "--data", "mnist-sample", "-o", folder, "--json")
+    result = onnxmark("embed", FIXTURE_MODEL, "--data", "mnist-sample", "-o", folder, "--seed", 0, "--json")
     return folder, last_json(result)
 
 
@@ -124,6 +124,47 @@ def test_embed_does_not_overwrite_without_force(embedded):
     assert result.returncode == 2
     assert "--force" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+
+
+QUICK_EMBED = ["--data", "mnist-sample", "--keys", 2, "--epochs", 0, "--max-hardening-steps", 2, "--held-out", 100]
+
+
+def key_vectors(folder: Path) -> list:
+    return json.loads((folder / "key.json").read_text())["keys"]
+
+
+def test_keys_are_random_without_seed(tmp_path):
+    for name in ("first", "second"):
+        onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "-o", tmp_path / name)
+
+    assert key_vectors(tmp_path / "first") != key_vectors(tmp_path / "second")
+
+
+def test_seed_repeats_keys(tmp_path):
+    for name in ("first", "second"):
+        onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "--seed", 5, "-o", tmp_path / name)
+
+    assert key_vectors(tmp_path / "first") == key_vectors(tmp_path / "second")
+
+
+def test_embed_again_with_force(tmp_path):
+    onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "-o", tmp_path)
+
+    result = onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "-o", tmp_path, "--force", check=False)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_existing_evidence_needs_force(tmp_path):
+    (tmp_path / "evidence").mkdir()
+    (tmp_path / "evidence" / "sheet.png").write_bytes(b"earlier sheet")
+
+    result = onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "-o", tmp_path, check=False)
+
+    assert result.returncode == 2
+    assert "sheet.png already exists" in result.stderr
+    assert (tmp_path / "evidence" / "sheet.png").read_bytes() == b"earlier sheet"
+    assert not (tmp_path / "key.json").exists()
 
 
 def test_extract_imports_no_torch(embedded, tmp_path):
@@ -249,3 +290,12 @@ def test_extract_rerun_into_same_folder(embedded, tmp_path):
     assert other.returncode == 2
     assert "--force" in other.stderr
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_binary_key_file_is_rejected(embedded, tmp_path):
+    _, summary = embedded
+    result = onnxmark("extract", summary["model"], "--key", summary["model"], "-o", tmp_path / "out", check=False)
+
+    assert result.returncode == 2
+    assert "not a valid key file: it is not UTF-8 text" in result.stderr
+    assert "Traceback" not in result.stderr

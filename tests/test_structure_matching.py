@@ -30,7 +30,7 @@ SSIM_TOLERANCE = 0.05
 
 def embed(model: Path, folder: Path, *options: str) -> tuple[Path, Path]:
     result = subprocess.run([sys.executable, "-m", "onnxmark", "embed", str(model), "--data", "mnist-sample",
-                             "-o", str(folder), "--json", *options], capture_output=True, text=True, cwd=ROOT)
+                             "-o", str(folder), "--seed", "0", "--json", *options], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     return Path(summary["model"]), Path(summary["key"])
