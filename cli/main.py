@@ -153,6 +153,8 @@ def _fidelity(result: dict) -> str:
         return f"teacher mode, {agreement}" if result["teacher"] else agreement
     accuracy = (f"held-out accuracy {100 * result['accuracy_before']:.1f}% -> "
                 f"{100 * result['accuracy_after']:.1f}%")
+    if result["mode"] == "scratch":
+        return accuracy   # an untrained original's predictions are noise, so agreement with it means nothing
     return f"teacher mode, {accuracy}, {agreement}" if result["teacher"] else f"{accuracy}, {agreement}"
 
 

@@ -7,6 +7,7 @@ files store secrets as 8-bit PNG bytes.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 import string
@@ -17,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from onnxmark.errors import OnnxmarkError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SECRET_COUNT = 11
 FIRST_DEFAULT_TEXT = "ABCD"
 DEFAULT_TEXT_LENGTH = 4
@@ -25,6 +28,10 @@ SECRET_CHANNEL_COUNTS = (1, 3, 4)  # gray, RGB, RGBA
 RENDER_FONT_SIZE = 200  # pixels, the size text is drawn at before it is scaled down to the secret's size
 RENDER_LINE_SPACING = 0.15  # blank space between lines, as a fraction of the font size
 RENDER_STROKE_FRACTION = 0.04  # outline that makes the font bold, as a fraction of the font size
+# Lines of text drawn less than this many pixels high (letters and line spacing) cannot be read in the
+# secret. The warning comes once per image size.
+MIN_LEGIBLE_LETTER_PIXELS = 7
+_warned_sizes: set[tuple[int, int]] = set()
 MARGIN_FRACTION = 0.06  # white border on each side, as a fraction of the secret's shorter side
 PNG_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -63,12 +70,18 @@ def render_text(text: str, channels: int, height: int, width: int) -> np.ndarray
     box_width, box_height = max(1, width - 2 * margin), max(1, height - 2 * margin)
     font = _load_font(RENDER_FONT_SIZE)
 
-    best_ink, best_scale = None, 0.0
+    best_ink, best_scale, best_lines = None, 0.0, 1
     for lines in _line_layouts(text):
         ink = _draw_lines(lines, font)
         scale = min(box_width / ink.width, box_height / ink.height)
         if scale > best_scale:
-            best_ink, best_scale = ink, scale
+            best_ink, best_scale, best_lines = ink, scale, len(lines)
+
+    letter_height = best_ink.height * best_scale / best_lines
+    if letter_height < MIN_LEGIBLE_LETTER_PIXELS and (width, height) not in _warned_sizes:
+        _warned_sizes.add((width, height))
+        log.warning("The secret text %r is drawn with letters about %.0f pixels high at %dx%d, too small to read; "
+                    "use a shorter text or --secret-image.", text, letter_height, width, height)
 
     size = (max(1, round(best_ink.width * best_scale)), max(1, round(best_ink.height * best_scale)))
     canvas = Image.new("L", (width, height), 255)

@@ -228,3 +228,17 @@ def test_secrets_module_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=repository, capture_output=True, text=True, check=True)
 
     assert result.stdout.strip() == "False"
+
+
+def test_long_text_warns_once(caplog):
+    from onnxmark import secrets
+
+    secrets._warned_sizes.discard((28, 28))
+    with caplog.at_level("WARNING", logger="onnxmark.secrets"):
+        render_text("HELLO WORLD THIS IS LONG", 1, 28, 28)
+        render_text("ANOTHER RATHER LONG TEXT", 1, 28, 28)
+        render_text("ABCD", 1, 28, 28)
+
+    warnings = [record for record in caplog.records if "too small to read" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "HELLO WORLD" in warnings[0].getMessage()
