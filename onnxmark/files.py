@@ -234,7 +234,8 @@ def _check_folder_writable(folder: Path) -> None:
         existing = existing.parent
 
     if not existing.is_dir():
-        raise OnnxmarkError(f"Cannot create the folder {folder} because {existing} is not a folder")
+        raise OnnxmarkError(f"Cannot create the folder {folder} because {existing} is an existing file, not a "
+                            "folder. Give a folder path for the output.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OnnxmarkError(
             f"Cannot write to the folder {existing} (permission denied). Choose another output folder."

@@ -102,7 +102,7 @@ def test_write_bytes_atomic_parent_is_file(tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
 
-    with pytest.raises(OnnxmarkError, match="is not a folder"):
+    with pytest.raises(OnnxmarkError, match="is an existing file, not a folder"):
         write_bytes_atomic(blocker / "key.json", b"{}", force=True)
 
     assert blocker.read_text() == "not a folder"
@@ -155,7 +155,7 @@ def test_check_writable_rejects_file_as_parent(tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
 
-    with pytest.raises(OnnxmarkError, match="is not a folder"):
+    with pytest.raises(OnnxmarkError, match="is an existing file, not a folder"):
         check_writable(blocker / "evidence" / "sheet.png", force=False)
 
 
