@@ -233,7 +233,7 @@ def _dequantized(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
 
 
 def _clamps_at_zero(zero_point: np.ndarray | None) -> bool:
-    """Whether a quantized output's zero point is its type's minimum, so that it cannot hold negative values."""
+    """Return whether a quantized output's zero point is its type's minimum, so it cannot hold negative values."""
     if zero_point is None:
         return False
     zero_point = np.asarray(zero_point)
