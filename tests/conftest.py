@@ -71,7 +71,7 @@ def embedded_real_model(tmp_path_factory):
             setting = json.loads((SHARED_MODELS / "preprocessing.json").read_text())[name]
             teacher = ["--teacher"] if setting["teacher"] else []
             folder = tmp_path_factory.mktemp(Path(name).stem)
-            result = subprocess.run([sys.executable, "-m", "onnxmark", "embed", str(path), "--data", setting["data"],
+            result = subprocess.run([sys.executable, "-m", "onnxmark", "embed", str(path), "--seed", "0", "--data", setting["data"],
                                      *setting["options"], *teacher, *extra, "-o", str(folder), "--json"],
                                     capture_output=True, text=True, cwd=ROOT)
             assert result.returncode == 0, result.stderr

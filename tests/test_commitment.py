@@ -29,7 +29,7 @@ PASSPHRASE_ENV = "ONNXMARK_KEY_PASSPHRASE"
 def key_path(tmp_path_factory):
     """A key from a quick embed of the fixture CNN: 2 keys, short hardening, no training epochs."""
     folder = tmp_path_factory.mktemp("embed")
-    result = onnxmark("embed", FIXTURE_MODEL, "--data", "mnist-sample", "-o", folder, "--keys", 2,
+    result = onnxmark("embed", FIXTURE_MODEL, "--seed", 0, "--data", "mnist-sample", "-o", folder, "--keys", 2,
                       "--max-hardening-steps", 20, "--epochs", 0, "--json")
     return Path(last_json(result)["key"])
 

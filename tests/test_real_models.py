@@ -27,7 +27,7 @@ def initializer_values(model):
 def test_short_embed_changes_only_initializer_values(tmp_path, name):
     """A short embed (one epoch) writes a model that differs from the input only in initializer values."""
     path = real_model(name)
-    summary = run_json("embed", path, "--data", "mnist-sample", *real_model_options(name), "-o", tmp_path,
+    summary = run_json("embed", path, "--seed", "0", "--data", "mnist-sample", *real_model_options(name), "-o", tmp_path,
                        "--epochs", "1", "--mode", "trained", "--json")
     original, written = onnx.load(path), onnx.load(summary["model"])
 
@@ -54,7 +54,7 @@ NOT_YET_WATERMARKED = {"cntk_mnist_opset7.onnx", "pytorch1.11_mnist_mlp_softmax.
     if name in NOT_YET_WATERMARKED else name for name in REAL_MNIST_MODELS])
 def test_full_embed_keeps_accuracy_and_shows_mark(tmp_path, name):
     path = real_model(name)
-    summary = run_json("embed", path, "--data", "mnist-sample", *real_model_options(name), "-o", tmp_path, "--json")
+    summary = run_json("embed", path, "--seed", "0", "--data", "mnist-sample", *real_model_options(name), "-o", tmp_path, "--json")
     scores = run_json("extract", summary["model"], "--key", summary["key"], "-o", tmp_path / "check", "--json")
 
     assert summary["accuracy_after"] >= summary["accuracy_before"] - 0.01

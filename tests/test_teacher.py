@@ -226,7 +226,7 @@ WEAK_TEACHER_WATERMARK = {"tf2onnx_gtsrb_43cls_nhwc.onnx", "tf2onnx_traffic_clas
     if name in WEAK_TEACHER_WATERMARK else name for name in REAL_TEACHER_MODELS])
 def test_real_model_teacher_embed(tmp_path, name):
     path = real_model(name)
-    summary = last_json(onnxmark("embed", path, "--data", "mnist-sample", "--teacher", *real_model_options(name),
+    summary = last_json(onnxmark("embed", path, "--seed", 0, "--data", "mnist-sample", "--teacher", *real_model_options(name),
                                  "-o", tmp_path, "--json"))
     scores = last_json(onnxmark("extract", summary["model"], "--key", summary["key"], "-o", tmp_path / "check",
                                 "--json"))
