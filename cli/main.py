@@ -112,7 +112,7 @@ def _float_pair(ctx, param, value):
 @click.option("--seed", type=int, default=None,
               help="Seed of the key vectors, the default secret texts, the held-out split and training, for a "
                    "repeatable run. Without it the key vectors and secret texts come from the operating system's "
-                   "random source, so that nobody can rebuild them, and the split and training use seed 0.")
+                   "random source, so that they cannot be rebuilt, and the split and training use seed 0.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def embed(model, data, output_dir, secret_texts, secret_images, key_count, input_range, mean, std, ssim_target,
@@ -356,7 +356,7 @@ def sign(key_path, private_key_path, signature_path, force, as_json):
 @key_group.command()
 @click.argument("key_path", metavar="KEY", type=click.Path(path_type=Path))
 @click.option("--public-key", "public_key_path", type=click.Path(path_type=Path), default=None,
-              help="Ed25519 public key in PEM of whoever signed the commitment.")
+              help="PEM file with the Ed25519 public key of the signer of the commitment.")
 @click.option("--signature", "signature_path", type=click.Path(path_type=Path), default=None,
               help="Signature file (default with --public-key: KEY.sig).")
 @click.option("--commitment", "commitment", default=None,

@@ -71,7 +71,7 @@ class EmbedOptions:
     seed: int = 0
     force: bool = False
     # When set, the key vectors and default secret texts come from the operating system's random source
-    # instead of `seed`, so that nobody can rebuild them from onnxmark's defaults.
+    # instead of `seed`, so that they cannot be rebuilt from onnxmark's defaults.
     secure_keys: bool = False
 
 

@@ -101,7 +101,7 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None,
 
     The suspect is first brought into canonical float form: quantization, fused operators, fp16 weights and
     folded batch norms are undone, and a classification head trained anew is replaced by the key's. The
-    notes of the result say which rewrites were undone. With `null_keys` above 0, that many random keys
+    notes of the result list the rewrites that were undone. With `null_keys` above 0, that many random keys
     drawn with `null_seed` go through the same transposed model, and their images calibrate each key's
     SSIM (see onnxmark.calibration).
     """

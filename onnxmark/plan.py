@@ -173,9 +173,9 @@ SHAPE_OPS = {"Flatten": "Reshape"}
 def structural_form(signature: list[dict]) -> list[dict]:
     """Reduce a plan signature to the structure that survives rewrites which keep a model's function.
 
-    Identity-like steps are dropped, Gemm and MatMul become one "linear" entry described by its input and
-    output shapes (a MatMul's weight is the transpose of a Gemm's), and a constant bias Add right after a
-    linear layer or a Conv is folded into that layer, as Gemm and Conv carry it themselves.
+    Identity-like steps are dropped. Gemm and MatMul become one "linear" entry described by its input and
+    output shapes, because a MatMul's weight is the transpose of a Gemm's. A constant bias Add right after a
+    linear layer or a Conv is folded into that layer, as Gemm and Conv carry their bias themselves.
     """
     form: list[dict] = []
     for entry in signature:
@@ -196,7 +196,7 @@ def structural_form(signature: list[dict]) -> list[dict]:
 
 
 def _is_bias_add(previous: dict, layer: dict) -> bool:
-    """Whether `previous` (the next step forward) adds one constant to this layer's output."""
+    """Return whether `previous` (the next step forward) adds one constant to this layer's output."""
     return (previous["op"] == "Add" and len(previous["weight_shapes"]) == 1
             and previous["input_shape"] == layer["output_shape"]
             and int(np.prod(previous["weight_shapes"][0])) == layer["output_shape"][0]

@@ -134,7 +134,7 @@ def head_layer(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, list[str]
     """Return the classification head's layer and the names of its weight (and bias) initializers.
 
     The walk goes back from the first graph output over nodes without weights (Softmax, Flatten, ...) to
-    the first Conv, Gemm or MatMul; a constant Add right after a MatMul counts as its bias.
+    the first Conv, Gemm or MatMul. A constant Add right after a MatMul counts as its bias.
     """
     producers = {output: node for node in model.graph.node for output in node.output}
     initializers = {init.name for init in model.graph.initializer}
@@ -160,7 +160,7 @@ def head_layer(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, list[str]
 
 
 def _weight_is_input_major(node: onnx.NodeProto) -> bool:
-    """Whether a 2-D head weight is stored [inputs, classes] (MatMul, Gemm without transB)."""
+    """Return whether a 2-D head weight is stored [inputs, classes] (MatMul, Gemm without transB)."""
     return node.op_type == "MatMul" or (node.op_type == "Gemm" and not attributes(node).get("transB", 0))
 
 
@@ -191,7 +191,7 @@ def head_values(model: onnx.ModelProto) -> list[np.ndarray]:
 
 
 def _fits_body(own: tuple[int, ...], stored: tuple[int, ...], node: onnx.NodeProto) -> bool:
-    """Whether a stored head weight reads the same features as the suspect's: all axes but the class axis agree."""
+    """Return whether a stored head weight reads the suspect's features, so all axes but the class axis agree."""
     if len(own) != len(stored):
         return False
     class_axis = 1 if len(own) == 2 and _weight_is_input_major(node) else 0
@@ -202,8 +202,8 @@ def restore_head(model: onnx.ModelProto, head: list[np.ndarray], batch_norms: li
     """Put the key's classification head into the model, in place, where the suspect's head is a new one.
 
     A head counts as new when its weight has another shape, or when it lies farther than
-    HEAD_REPLACED_DISTANCE from the key's (relative L2 distance): quantization and fine-tuning move a head
-    by a few percent, a head trained anew for as many classes moves it by about its own size. A batch norm
+    HEAD_REPLACED_DISTANCE from the key's (relative L2 distance). Quantization and fine-tuning move a head
+    by a few percent, while a head trained anew for as many classes moves it by about its own size. A batch norm
     right after the head gets the key's values back too, where `batch_norms` records it.
     """
     node, names = head_layer(model)

@@ -61,7 +61,7 @@ def embedded_real_model(tmp_path_factory):
     """Return a function that embeds a real model with its recorded preprocessing, once per session.
 
     The function runs `onnxmark embed --json` with the default settings (teacher mode where preprocessing.json
-    asks for it, `extra` options appended) and returns its summary. It skips when the model is absent.
+    sets it, `extra` options appended) and returns its summary. It skips when the model is absent.
     """
     summaries = {}
 

@@ -16,14 +16,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from tests.conftest import ALL_REAL_MODELS, FIXTURE_MODEL, ROOT, SHARED_MODELS, real_model
-
-
-def onnxmark(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "onnxmark", *map(str, args)], capture_output=True, text=True,
-                            cwd=ROOT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"onnxmark {' '.join(map(str, args))} failed:\n{result.stderr}")
-    return result
+from tests.test_cli import onnxmark
 
 
 def rows_by_name(summary):
