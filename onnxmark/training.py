@@ -33,6 +33,9 @@ ANNEAL_FLOOR = 0.01
 # Batch size of the one pass that records the teacher logits. It only bounds memory.
 TEACHER_BATCH = 256
 
+# Main-task steps that a transposed step looks ahead along the last main step (TrainingConfig.drift_lookahead).
+DRIFT_LOOKAHEAD = 40.0
+
 Progress = Callable[[str, int, int, dict], None]
 
 
@@ -65,6 +68,12 @@ class TrainingConfig:
     # Keras Rescaling layer. Adam moves every parameter by about the learning rate per step, and for a
     # constant such as 1/255 that is a large relative change.
     train_scalars: bool = True
+    # Every second transposed step of constraint training takes its gradient at the weights the main task
+    # would reach after this many more steps like the last one, and applies it at the current weights, so
+    # the mark also remains where further main-task training (a thief's fine-tuning) takes the weights. On
+    # the fixture model, 2 epochs of fine-tuning at the training rate left mean SSIM 0.71 without it and
+    # 0.92-0.96 with 40 over three embeds. With the shift on every step, the SSIM at the current weights fell.
+    drift_lookahead: float = DRIFT_LOOKAHEAD
 
 
 def _silent(phase: str, done: int, total: int, stats: dict) -> None:
@@ -95,6 +104,9 @@ class Watermarker:
             self.watermark_optimizer = self.main_optimizer
         else:
             self.watermark_optimizer = torch.optim.Adam(parameters, lr=config.transposed_lr)
+        self._parameters = parameters
+        self._last_main_update: list[torch.Tensor] | None = None   # per parameter, set by main_step
+        self._transposed_steps = 0
 
     # ----- watermark -----
 
@@ -125,11 +137,35 @@ class Watermarker:
             return ssim_torch(images, self.secrets).numpy()
 
     def watermark_step(self) -> float:
+        """Take one transposed step and return the mean SSIM during it (with dropout).
+
+        Once main steps have begun, every second step takes its gradient at weights shifted along the main
+        task's last update (see TrainingConfig.drift_lookahead) and applies it at the unshifted weights.
+        """
         self.watermark_optimizer.zero_grad()
+        shifted = self._lookahead_shift()
+        saved = [parameter.detach().clone() for parameter, _ in shifted]
+        with torch.no_grad():
+            for parameter, delta in shifted:
+                parameter.add_(delta)
         loss, ssim = self.watermark_loss(training=True)
         loss.backward()
+        with torch.no_grad():
+            for (parameter, _), value in zip(shifted, saved):
+                parameter.copy_(value)
         self.watermark_optimizer.step()
         return float(ssim.detach().mean())
+
+    def _lookahead_shift(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return (parameter, shift) for every weight tensor on every second transposed step after a main step.
+
+        Biases and scalars are not shifted, because the shift models where fine-tuning moves the weights.
+        """
+        self._transposed_steps += 1
+        if self._last_main_update is None or self.config.drift_lookahead <= 0 or self._transposed_steps % 2:
+            return []
+        return [(parameter, self.config.drift_lookahead * update)
+                for parameter, update in zip(self._parameters, self._last_main_update) if parameter.dim() > 1]
 
     def harden(self, progress: Progress = _silent) -> int:
         """Train only the transposed model until mean SSIM reaches the target or the step limit; return steps."""
@@ -158,7 +194,11 @@ class Watermarker:
         else:
             loss = F.cross_entropy(logits, targets)
         loss.backward()
+        before = [parameter.detach().clone() for parameter in self._parameters] \
+            if self.config.drift_lookahead > 0 else None
         self.main_optimizer.step()
+        if before is not None:
+            self._last_main_update = [parameter.detach() - old for parameter, old in zip(self._parameters, before)]
         return float((logits.argmax(dim=1) == class_targets(targets)).float().mean())
 
     def teacher_logits(self, inputs: np.ndarray) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""Constraint training: the transposed step that looks ahead along the main task's last update."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from onnxmark.data import InputSpec, Preprocessing, load_dataset
+from onnxmark.graph import import_graph, load_onnx
+from onnxmark.plan import build_plan
+from onnxmark.secrets import default_texts, render_text
+from onnxmark.training import TrainingConfig, Watermarker
+from tests.conftest import FIXTURE_MODEL
+
+
+def fixture_watermarker(**settings) -> Watermarker:
+    torch.manual_seed(0)
+    graph = import_graph(FIXTURE_MODEL, load_onnx(FIXTURE_MODEL))
+    spec = InputSpec.from_dims(graph.input_dims)
+    secrets = np.stack([render_text(text, 1, 28, 28) for text in default_texts(3, 0)]).astype(np.float32)
+    keys = np.random.default_rng(0).uniform(-10, 10, (3, 10)).astype(np.float32)
+    config = TrainingConfig(dropout=0.0, **settings)
+    return Watermarker(graph, build_plan(graph), spec, Preprocessing(), keys, secrets, config)
+
+
+def digit_batch(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_dataset("mnist-sample")
+    return torch.from_numpy(data.images[:count]), torch.from_numpy(data.labels[:count])
+
+
+def parameter_values(watermarker: Watermarker) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in watermarker.store.trainable()]
+
+
+def loss_gradients(watermarker: Watermarker) -> list[torch.Tensor]:
+    for p in watermarker.store.trainable():
+        p.grad = None
+    loss, _ = watermarker.watermark_loss(training=True)
+    loss.backward()
+    return [p.grad.clone() for p in watermarker.store.trainable()]
+
+
+def test_lookahead_shifts_every_second_step():
+    lookahead = 5.0
+    watermarker = fixture_watermarker(drift_lookahead=lookahead, transposed_lr=0.0)
+    before_main = parameter_values(watermarker)
+    watermarker.main_step(*digit_batch())
+    current = parameter_values(watermarker)
+    ahead = [now + lookahead * (now - old) if now.dim() > 1 else now for now, old in zip(current, before_main)]
+
+    watermarker.watermark_step()
+    at_current = [p.grad.clone() for p in watermarker.store.trainable()]
+    watermarker.watermark_step()
+    at_ahead = [p.grad.clone() for p in watermarker.store.trainable()]
+
+    # A learning rate of 0 leaves every weight where the main step put it, shift included.
+    for value, expected in zip(parameter_values(watermarker), current):
+        assert torch.equal(value, expected)
+    with torch.no_grad():
+        for p, value in zip(watermarker.store.trainable(), ahead):
+            p.copy_(value)
+    expected_ahead = loss_gradients(watermarker)
+    with torch.no_grad():
+        for p, value in zip(watermarker.store.trainable(), current):
+            p.copy_(value)
+    expected_current = loss_gradients(watermarker)
+    for got, expected in zip(at_current, expected_current):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    for got, expected in zip(at_ahead, expected_ahead):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, c) for a, c in zip(at_ahead, at_current))
+
+
+def test_lookahead_absent_before_main_steps():
+    watermarker = fixture_watermarker(drift_lookahead=40.0, transposed_lr=0.0)
+    for _ in range(2):
+        watermarker.watermark_step()
+        step_gradients = [p.grad.clone() for p in watermarker.store.trainable()]
+        for got, expected in zip(step_gradients, loss_gradients(watermarker)):
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
