@@ -222,6 +222,10 @@ def _training_config(options: EmbedOptions, trained: bool, teacher: bool):
 
     config = TrainingConfig(ssim_target=options.ssim_target, max_hardening_steps=options.max_hardening_steps,
                             epochs=SCRATCH_EPOCHS, batch_size=options.batch_size)
+    if teacher or trained:
+        # The ascent steps cost a trained model's mark more than they give: pytorch2.5.1's MNIST model
+        # reached mean SSIM 0.850 with them and 0.871 without, at the same accuracy.
+        config.erase_steps = 0.0
     if teacher:
         config.epochs = TEACHER_EPOCHS
         config.main_lr = config.transposed_lr = TEACHER_LR

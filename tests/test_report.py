@@ -29,10 +29,10 @@ TILE_PIXELS = 112  # a 28x28 image scaled up 4 times
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """A quick embed of the fixture CNN: 3 keys, short hardening and one epoch."""
+    """A quick embed of the fixture CNN: 3 keys, short hardening and two epochs."""
     folder = tmp_path_factory.mktemp("embed")
     result = onnxmark("embed", FIXTURE_MODEL, "--seed", 0, "--data", "mnist-sample", "-o", folder, "--keys", KEY_COUNT,
-                      "--max-hardening-steps", 300, "--epochs", 1, "--json")
+                      "--max-hardening-steps", 300, "--epochs", 2, "--json")
     return last_json(result)
 
 

@@ -1,4 +1,4 @@
-"""Constraint training: the transposed step that looks ahead along the main task's last update."""
+"""Constraint training: transposed steps taken at weights shifted ahead of the main task or against the mark."""
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +41,7 @@ def loss_gradients(watermarker: Watermarker) -> list[torch.Tensor]:
 
 def test_lookahead_shifts_every_second_step():
     lookahead = 5.0
-    watermarker = fixture_watermarker(drift_lookahead=lookahead, transposed_lr=0.0)
+    watermarker = fixture_watermarker(drift_lookahead=lookahead, erase_steps=0.0, transposed_lr=0.0)
     before_main = parameter_values(watermarker)
     watermarker.main_step(*digit_batch())
     current = parameter_values(watermarker)
@@ -70,10 +70,39 @@ def test_lookahead_shifts_every_second_step():
     assert any(not torch.allclose(a, c) for a, c in zip(at_ahead, at_current))
 
 
-def test_lookahead_absent_before_main_steps():
-    watermarker = fixture_watermarker(drift_lookahead=40.0, transposed_lr=0.0)
-    for _ in range(2):
+def unshifted_steps_match_plain_gradient(watermarker: Watermarker) -> None:
+    for _ in range(3):
         watermarker.watermark_step()
         step_gradients = [p.grad.clone() for p in watermarker.store.trainable()]
         for got, expected in zip(step_gradients, loss_gradients(watermarker)):
             assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_lookahead_absent_before_main_steps():
+    watermarker = fixture_watermarker(drift_lookahead=40.0, transposed_lr=0.0)
+    unshifted_steps_match_plain_gradient(watermarker)
+
+
+def test_erase_ascent_shifts_other_steps():
+    # With a learning rate of 0 the step cannot move the weights, and the ascent is scaled by the rate,
+    # so the test takes the step with a tiny rate and compares the gradient it was taken with.
+    radius = 0.01
+    watermarker = fixture_watermarker(drift_lookahead=0.0, erase_steps=radius / 1e-12, transposed_lr=1e-12)
+    watermarker.main_step(*digit_batch())
+    current = parameter_values(watermarker)
+    at_current = loss_gradients(watermarker)
+    against = [value + radius * gradient.sign() if value.dim() > 1 else value
+               for value, gradient in zip(current, at_current)]
+
+    watermarker.watermark_step()
+    step_gradients = [p.grad.clone() for p in watermarker.store.trainable()]
+
+    for value, expected in zip(parameter_values(watermarker), current):
+        assert torch.allclose(value, expected, rtol=0.0, atol=1e-9)
+    with torch.no_grad():
+        for p, value in zip(watermarker.store.trainable(), against):
+            p.copy_(value)
+    expected_against = loss_gradients(watermarker)
+    for got, expected in zip(step_gradients, expected_against):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, c) for a, c in zip(step_gradients, at_current))
