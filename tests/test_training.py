@@ -1,10 +1,13 @@
 """Constraint training: transposed steps taken at weights shifted ahead of the main task or against the mark."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from onnxmark.data import InputSpec, Preprocessing, load_dataset
+from onnxmark.embed import EmbedOptions, _training_config
 from onnxmark.graph import import_graph, load_onnx
 from onnxmark.plan import build_plan
 from onnxmark.secrets import default_texts, render_text
@@ -106,3 +109,16 @@ def test_erase_ascent_shifts_other_steps():
     for got, expected in zip(step_gradients, expected_against):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(a, c) for a, c in zip(step_gradients, at_current))
+
+
+def test_only_scratch_mode_shifts_steps():
+    options = EmbedOptions(data="mnist-sample", output_dir=Path("unused"))
+    scratch = _training_config(options, trained=False, teacher=False)
+    trained = _training_config(options, trained=True, teacher=False)
+    teacher = _training_config(options, trained=True, teacher=True)
+
+    assert scratch.drift_lookahead > 0
+    assert scratch.erase_steps > 0
+    for config in (trained, teacher):
+        assert config.drift_lookahead == 0
+        assert config.erase_steps == 0
