@@ -74,7 +74,8 @@ def test_lookahead_shifts_second_step():
 
 
 def test_shifts_absent_before_main_steps():
-    watermarker = fixture_watermarker(drift_lookahead=40.0, transposed_lr=0.0)
+    # A tiny learning rate keeps the weights in place while the ascent would still move them by 0.01.
+    watermarker = fixture_watermarker(drift_lookahead=40.0, erase_steps=0.01 / 1e-12, transposed_lr=1e-12)
     for _ in range(3):
         watermarker.watermark_step()
         step_gradients = [p.grad.clone() for p in watermarker.store.trainable()]
