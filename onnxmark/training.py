@@ -71,16 +71,17 @@ class TrainingConfig:
     # Keras Rescaling layer. Adam moves every parameter by about the learning rate per step, and for a
     # constant such as 1/255 that is a large relative change.
     train_scalars: bool = True
-    # One in three transposed steps of constraint training takes its gradient at the weights that this many
-    # more main steps like the last one would reach, and applies it at the current weights. The mark then
-    # also remains where further main-task training, such as a thief's fine-tuning, takes the weights. On
-    # the fixture model, 2 epochs of fine-tuning at the training rate left mean SSIM 0.71 without it and
+    # Look-ahead, in main steps, of one in three transposed steps of constraint training. Such a step takes
+    # its gradient at the weights that this many more main steps like the last one would reach and applies
+    # it at the current weights, so the mark also remains where fine-tuning takes the weights. On the
+    # fixture model, fine-tuning 2 epochs at the training rate left mean SSIM 0.71 without it and
     # 0.92-0.94 with 40 over three embeds. With the shift on every step, the SSIM at the current weights fell.
     drift_lookahead: float = DRIFT_LOOKAHEAD
-    # Another one in three takes its gradient after moving every weight against the mark, by this many
-    # times the transposed learning rate along the sign of the watermark loss's gradient. That is what an
-    # attacker erasing with a known key does. On the fixture model, erasing towards black then needed 8 to
-    # 10 steps instead of 3 to bring the mean SSIM under 0.3, and accuracy had often lost under 5 points.
+    # Ascent, in transposed learning rates, of another one in three transposed steps. Such a step takes its
+    # gradient after moving every weight this far against the mark, along the sign of the watermark loss's
+    # gradient, as an attacker erasing with a known key would. On the fixture model, erasing towards black
+    # then needed 8 to 10 steps instead of 3 to bring the mean SSIM under 0.3, and in two of three embeds
+    # accuracy was then still within 5 points of the original.
     erase_steps: float = ERASE_STEPS
 
 

@@ -66,6 +66,14 @@ def attack(kind, model, output, *options, check=True):
     return last_json(result) if check else result
 
 
+def assert_rejected(result, output, *messages):
+    """Check that an attack ended with exit code 2, named each message and wrote no output."""
+    assert result.returncode == 2
+    for message in messages:
+        assert message in result.stderr
+    assert not output.exists()
+
+
 def mean_ssim(path, key_path) -> float:
     return float(extract(path, load_key(key_path)).ssim.mean())
 
@@ -149,9 +157,7 @@ def test_prune_level_outside_range(watermarked, tmp_path):
 
     result = attack("prune", model, output, "--level", "1.5", check=False)
 
-    assert result.returncode == 2
-    assert "1.5" in result.stderr
-    assert not output.exists()
+    assert_rejected(result, output, "1.5")
 
 
 def test_fineprune_keeps_pruned_weights_zero(watermarked, tmp_path):
@@ -226,9 +232,7 @@ def test_finetune_needs_data(watermarked, tmp_path):
 
     result = attack("finetune", model, output, check=False)
 
-    assert result.returncode == 2
-    assert "--data" in result.stderr
-    assert not output.exists()
+    assert_rejected(result, output, "--data")
 
 
 def test_replace_head_with_stored_head(watermarked, tmp_path):
@@ -254,10 +258,7 @@ def test_replace_head_labels_must_fit(watermarked, tmp_path):
 
     result = attack("replace-head", model, output, "--classes", "5", "--data", "mnist-sample", check=False)
 
-    assert result.returncode == 2
-    assert "labels 0 to 9" in result.stderr
-    assert "5 classes" in result.stderr
-    assert not output.exists()
+    assert_rejected(result, output, "labels 0 to 9", "5 classes")
 
 
 # ----- overwrite and erase -----
@@ -327,9 +328,7 @@ def test_erase_bad_options(watermarked, tmp_path, options, message):
 
     result = attack("erase", model, output, *[str(key) if o == "KEY" else o for o in options], check=False)
 
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert not output.exists()
+    assert_rejected(result, output, message)
 
 
 # ----- rewrites -----
@@ -365,9 +364,7 @@ def test_quantize_static_needs_data(watermarked, tmp_path):
 
     result = attack("quantize", model, output, "--mode", "static", check=False)
 
-    assert result.returncode == 2
-    assert "--data" in result.stderr
-    assert not output.exists()
+    assert_rejected(result, output, "--data")
 
 
 @pytest.mark.parametrize("keep_io_types", [False, True])
@@ -512,9 +509,7 @@ def test_opset_bad_target(watermarked, tmp_path, target, message):
 
     result = attack("opset", model, output, "--target", target, check=False)
 
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert not output.exists()
+    assert_rejected(result, output, message)
 
 
 # ----- the command itself -----
@@ -538,17 +533,13 @@ def test_unknown_attack_kind(watermarked, tmp_path):
 
     result = run_cli("attack", "melt", model, "-o", tmp_path / "out.onnx", check=False)
 
-    assert result.returncode == 2
-    assert "melt" in result.stderr
-    assert not (tmp_path / "out.onnx").exists()
+    assert_rejected(result, tmp_path / "out.onnx", "melt")
 
 
 def test_attack_missing_model(tmp_path):
     result = run_cli("attack", "rename", tmp_path / "absent.onnx", "-o", tmp_path / "out.onnx", check=False)
 
-    assert result.returncode == 2
-    assert "not found" in result.stderr
-    assert not (tmp_path / "out.onnx").exists()
+    assert_rejected(result, tmp_path / "out.onnx", "not found")
 
 
 def test_attack_text_output(watermarked, tmp_path):

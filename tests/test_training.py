@@ -39,7 +39,25 @@ def loss_gradients(watermarker: Watermarker) -> list[torch.Tensor]:
         p.grad = None
     loss, _ = watermarker.watermark_loss(training=True)
     loss.backward()
+    return step_gradients(watermarker)
+
+
+def loss_gradients_at(watermarker: Watermarker, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Set every parameter to `values` and return the watermark loss's gradients there."""
+    with torch.no_grad():
+        for p, value in zip(watermarker.store.trainable(), values):
+            p.copy_(value)
+    return loss_gradients(watermarker)
+
+
+def step_gradients(watermarker: Watermarker) -> list[torch.Tensor]:
+    """Return the gradients that the last step left on the parameters."""
     return [p.grad.clone() for p in watermarker.store.trainable()]
+
+
+def assert_same_gradients(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for got_gradient, expected_gradient in zip(got, expected):
+        assert torch.allclose(got_gradient, expected_gradient, rtol=1e-4, atol=1e-7)
 
 
 def test_lookahead_shifts_second_step():
@@ -51,25 +69,15 @@ def test_lookahead_shifts_second_step():
     ahead = [now + lookahead * (now - old) if now.dim() > 1 else now for now, old in zip(current, before_main)]
 
     watermarker.watermark_step()
-    at_current = [p.grad.clone() for p in watermarker.store.trainable()]
+    at_current = step_gradients(watermarker)
     watermarker.watermark_step()
-    at_ahead = [p.grad.clone() for p in watermarker.store.trainable()]
+    at_ahead = step_gradients(watermarker)
 
     # A learning rate of 0 leaves every weight where the main step put it, shift included.
     for value, expected in zip(parameter_values(watermarker), current):
         assert torch.equal(value, expected)
-    with torch.no_grad():
-        for p, value in zip(watermarker.store.trainable(), ahead):
-            p.copy_(value)
-    expected_ahead = loss_gradients(watermarker)
-    with torch.no_grad():
-        for p, value in zip(watermarker.store.trainable(), current):
-            p.copy_(value)
-    expected_current = loss_gradients(watermarker)
-    for got, expected in zip(at_current, expected_current):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
-    for got, expected in zip(at_ahead, expected_ahead):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert_same_gradients(at_ahead, loss_gradients_at(watermarker, ahead))
+    assert_same_gradients(at_current, loss_gradients_at(watermarker, current))
     assert any(not torch.allclose(a, c) for a, c in zip(at_ahead, at_current))
 
 
@@ -78,14 +86,11 @@ def test_shifts_absent_before_main_steps():
     watermarker = fixture_watermarker(drift_lookahead=40.0, erase_steps=0.01 / 1e-12, transposed_lr=1e-12)
     for _ in range(3):
         watermarker.watermark_step()
-        step_gradients = [p.grad.clone() for p in watermarker.store.trainable()]
-        for got, expected in zip(step_gradients, loss_gradients(watermarker)):
-            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+        assert_same_gradients(step_gradients(watermarker), loss_gradients(watermarker))
 
 
-def test_erase_ascent_shifts_other_steps():
-    # With a learning rate of 0 the step cannot move the weights, and the ascent is scaled by the rate,
-    # so the test takes the step with a tiny rate and compares the gradient it was taken with.
+def test_ascent_shifts_first_step():
+    # The ascent scales with the learning rate, so the test steps at a tiny rate that leaves the weights in place.
     radius = 0.01
     watermarker = fixture_watermarker(drift_lookahead=0.0, erase_steps=radius / 1e-12, transposed_lr=1e-12)
     watermarker.main_step(*digit_batch())
@@ -95,17 +100,12 @@ def test_erase_ascent_shifts_other_steps():
                for value, gradient in zip(current, at_current)]
 
     watermarker.watermark_step()
-    step_gradients = [p.grad.clone() for p in watermarker.store.trainable()]
+    at_against = step_gradients(watermarker)
 
     for value, expected in zip(parameter_values(watermarker), current):
         assert torch.allclose(value, expected, rtol=0.0, atol=1e-9)
-    with torch.no_grad():
-        for p, value in zip(watermarker.store.trainable(), against):
-            p.copy_(value)
-    expected_against = loss_gradients(watermarker)
-    for got, expected in zip(step_gradients, expected_against):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
-    assert any(not torch.allclose(a, c) for a, c in zip(step_gradients, at_current))
+    assert_same_gradients(at_against, loss_gradients_at(watermarker, against))
+    assert any(not torch.allclose(a, c) for a, c in zip(at_against, at_current))
 
 
 def test_only_scratch_mode_shifts_steps():
