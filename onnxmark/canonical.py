@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MICROSOFT_DOMAIN = "com.microsoft"
 NCHWC_DOMAIN = "com.microsoft.nchwc"
+# Ends the name of every Relu that the rewrite restores after a quantized output without negative values.
+RESTORED_RELU_SUFFIX = "/clamp"
 WIDE_FLOAT_TYPES = {TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
@@ -35,13 +37,15 @@ class CanonicalModel:
 
 
 def canonical_model(model: onnx.ModelProto, batch_norms: list[dict] | None = None,
-                    head: list[np.ndarray] | None = None) -> CanonicalModel:
+                    head: list[np.ndarray] | None = None, unrestored: frozenset[str] = frozenset()) -> CanonicalModel:
     """Return a float copy of `model` with quantized, fused and folded layers written as standard operators.
 
     `batch_norms` (from the key) restores batch norms that were folded into convolutions. `head` (from the
-    key) replaces a classification head that was trained anew.
+    key) replaces a classification head that was trained anew. `unrestored` names restored ReLUs (see
+    RESTORED_RELU_SUFFIX) to leave out: a quantizer's zero point at the type's minimum also appears where
+    a layer's output was merely never negative on the quantizer's calibration data.
     """
-    rewriter = _Rewriter(model)
+    rewriter = _Rewriter(model, unrestored)
     rewriter.rewrite_nodes()
     rewriter.widen_float_types()
     notes = rewriter.notes
@@ -59,8 +63,9 @@ def canonical_model(model: onnx.ModelProto, batch_norms: list[dict] | None = Non
 class _Rewriter:
     """Rewrites the node list of one model; tensors that a removed node passed through become aliases."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, unrestored: frozenset[str] = frozenset()):
         self.model = model
+        self.unrestored = unrestored
         self.constants: dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init)
                                                  for init in model.graph.initializer}
         for node in model.graph.node:
@@ -100,6 +105,16 @@ class _Rewriter:
     def emit(self, op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
 
+    def emit_relu(self, source: str, output: str, name: str) -> None:
+        """Emit a restored ReLU unless it is one to leave out; then `output` becomes an alias of `source`."""
+        name = f"{name}{RESTORED_RELU_SUFFIX}"
+        if name in self.unrestored:
+            self.aliases[output] = source
+            self.count("relu_left_out")
+            return
+        self.emit("Relu", [source], [output], name)
+        self.count("relu_restored")
+
     def count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
 
@@ -138,6 +153,8 @@ class _Rewriter:
             "quantize_removed": "quantize/dequantize steps on activations read as identity",
             "fused": "onnxruntime fused operators written as their standard operators",
             "relu_restored": "ReLUs restored where a quantized output cannot be negative",
+            "relu_left_out": "ReLUs not restored where the key's model has none, as no calibration value "
+                             "was negative there",
         }
         for kind, text in descriptions.items():
             if self.counts.get(kind):
@@ -259,8 +276,7 @@ def _rewrite_quantize(rewriter: _Rewriter, node: onnx.NodeProto) -> None:
     producer = rewriter.producers.get(node.input[0])
     zero_point = rewriter.constant(node_input(node, 2)) if node_input(node, 2) else None
     if producer is not None and producer.op_type in SIGNED_PRODUCERS and _clamps_at_zero(zero_point):
-        rewriter.emit("Relu", [node.input[0]], [node.output[0]], f"{node.name}/clamp")
-        rewriter.count("relu_restored")
+        rewriter.emit_relu(node.input[0], node.output[0], node.name)
     else:
         rewriter.aliases[node.output[0]] = node.input[0]
     rewriter.count("quantize_removed")
@@ -351,7 +367,7 @@ def _emit_with_clamp(rewriter: _Rewriter, node: onnx.NodeProto, op_type: str, in
     zero_point = rewriter.constant(node.input[zero_point_index]) if node_input(node, zero_point_index) else None
     if _clamps_at_zero(zero_point):
         rewriter.emit(op_type, inputs, [f"{output}/float"], node.name, **attrs)
-        rewriter.emit("Relu", [f"{output}/float"], [output], f"{node.name}/clamp")
+        rewriter.emit_relu(f"{output}/float", output, node.name)
     else:
         rewriter.emit(op_type, inputs, [output], node.name, **attrs)
     rewriter.count("dequantized")

@@ -19,14 +19,15 @@ from PIL import Image, ImageDraw, ImageFont
 from onnxmark import __version__
 from onnxmark.calibration import (COMBINATION_METHOD, DEFAULT_NULL_KEYS, DEFAULT_NULL_SEED, Calibration, calibrate,
                                   check_key_range, draw_null_keys)
-from onnxmark.canonical import CanonicalModel, canonical_model
+from onnxmark.canonical import RESTORED_RELU_SUFFIX, CanonicalModel, canonical_model
 from onnxmark.commitment import key_commitment
 from onnxmark.data import from_layout
 from onnxmark.errors import OnnxmarkError
 from onnxmark.files import OutputTransaction
-from onnxmark.graph import import_graph, load_onnx
+from onnxmark.graph import ModelGraph, import_graph, load_onnx
 from onnxmark.keyfile import Key, model_sha256
-from onnxmark.plan import build_plan, check_signature
+from onnxmark.plan import Plan, build_plan, check_signature, surplus_steps
+from onnxmark.restore import UNFOLDED_PREFIX
 from onnxmark.report import format_psnr, render_report, tile_zoom, to_pil
 from onnxmark.ssim import mse_batch, ssim_batch
 from onnxmark.transposed_onnx import build_transposed_model, run_transposed
@@ -109,17 +110,14 @@ def extract(suspect: str | Path, key: Key, model: onnx.ModelProto | None = None,
     if model is None:
         model = load_onnx(suspect)
         file_hash = file_sha256(suspect)
-    canonical = canonical_model(model, key.batch_norms, key.head)
-    extraction = _extract_canonical(suspect, key, canonical, model_sha256(model), null_keys, null_seed)
+    extraction = _extract_canonical(suspect, key, model, null_keys, null_seed)
     extraction.file_sha256 = file_hash
     return extraction
 
 
-def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel, digest: str, null_keys: int,
+def _extract_canonical(suspect: str | Path, key: Key, model: onnx.ModelProto, null_keys: int,
                        null_seed: int) -> Extraction:
-    graph = import_graph(suspect, canonical.model)
-    plan = build_plan(graph)
-    check_signature(key.signature, plan.signature(graph), str(suspect))
+    canonical, graph, plan = _fitting_canonical(suspect, key, model)
     plan.frozen_values = _frozen_by_position(plan, graph, key)
 
     random_keys = draw_null_keys(null_keys, key.keys.shape[1], null_seed)
@@ -132,9 +130,33 @@ def _extract_canonical(suspect: str | Path, key: Key, canonical: CanonicalModel,
     images, null_images = all_images[:len(key.keys)].copy(), all_images[len(key.keys):]
 
     calibration = calibrate(images, null_images, key.secrets, null_seed) if null_keys else None
-    return Extraction(model=str(suspect), model_sha256=digest, images=images, secrets=key.secrets,
+    return Extraction(model=str(suspect), model_sha256=model_sha256(model), images=images, secrets=key.secrets,
                       ssim=ssim_batch(images, key.secrets), mse=mse_batch(images, key.secrets),
                       notes=list(canonical.notes), calibration=calibration)
+
+
+def _fitting_canonical(suspect: str | Path, key: Key,
+                       model: onnx.ModelProto) -> tuple[CanonicalModel, ModelGraph, Plan]:
+    """Bring the suspect into canonical form and plan it; raise OnnxmarkError when it does not fit the key.
+
+    A ReLU restored after a quantized output is left out when the key's model has no step there. Such a
+    ReLU can also make a batch norm look folded. So any step that the rewrite itself added (a restored ReLU
+    or an unfolded batch norm) may be surplus, and the model is then rewritten again without those ReLUs.
+    """
+    canonical = canonical_model(model, key.batch_norms, key.head)
+    graph = import_graph(suspect, canonical.model)
+    plan = build_plan(graph)
+    added = {index for index, step in enumerate(plan.steps)
+             if step.node.name.endswith(RESTORED_RELU_SUFFIX) or step.node.name.startswith(UNFOLDED_PREFIX)}
+    surplus = surplus_steps(key.signature, plan.signature(graph), added)
+    unrestored = frozenset(plan.steps[index].node.name for index in surplus
+                           if plan.steps[index].node.name.endswith(RESTORED_RELU_SUFFIX))
+    if unrestored:
+        canonical = canonical_model(model, key.batch_norms, key.head, unrestored)
+        graph = import_graph(suspect, canonical.model)
+        plan = build_plan(graph)
+    check_signature(key.signature, plan.signature(graph), str(suspect))
+    return canonical, graph, plan
 
 
 def extract_reference(reference: str | Path, key: Key) -> Reference:

@@ -177,22 +177,46 @@ def structural_form(signature: list[dict]) -> list[dict]:
     output shapes, because a MatMul's weight is the transpose of a Gemm's. A constant bias Add right after a
     linear layer or a Conv is folded into that layer, as Gemm and Conv carry their bias themselves.
     """
-    form: list[dict] = []
-    for entry in signature:
+    return [entry for _, entry in _indexed_form(signature)]
+
+
+def _indexed_form(signature: list[dict]) -> list[tuple[int, dict]]:
+    """Build the structural form, each entry with the index of the signature step it describes."""
+    form: list[tuple[int, dict]] = []
+    for index, entry in enumerate(signature):
         op = entry["op"]
         if op in PASS_THROUGH_OPS:
             continue
         if op in LINEAR_OPS or op == "Conv":
-            if form and _is_bias_add(form[-1], entry):
+            if form and _is_bias_add(form[-1][1], entry):
                 form.pop()
             reduced = {"op": "linear" if op in LINEAR_OPS else op,
                        "input_shape": entry["input_shape"], "output_shape": entry["output_shape"]}
             if op == "Conv":
                 reduced["weight_shapes"] = entry["weight_shapes"][:1]
-            form.append(reduced)
+            form.append((index, reduced))
             continue
-        form.append({**entry, "op": SHAPE_OPS.get(op, op)})
+        form.append((index, {**entry, "op": SHAPE_OPS.get(op, op)}))
     return form
+
+
+def surplus_steps(expected: list[dict], actual: list[dict], optional: set[int]) -> set[int]:
+    """Return the optional steps of `actual` that it has and `expected` lacks, when dropping them makes both match.
+
+    Returns an empty set when the two match as they are, or when no such choice makes them match (then
+    check_signature reports what differs).
+    """
+    target = structural_form(expected)
+    surplus: set[int] = set()
+    matched = 0
+    for index, entry in _indexed_form(actual):
+        if matched < len(target) and target[matched] == entry:
+            matched += 1
+        elif index in optional:
+            surplus.add(index)
+        else:
+            return set()
+    return surplus if matched == len(target) else set()
 
 
 def _is_bias_add(previous: dict, layer: dict) -> bool:

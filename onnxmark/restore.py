@@ -14,6 +14,8 @@ from onnxmark.canonical import attributes, node_input, op_domain
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 BATCH_NORM_ARRAYS = ("scale", "bias", "mean", "variance")
+# Begins the name of every node and initializer that undoing a folded batch norm adds.
+UNFOLDED_PREFIX = "onnxmark/unfolded/"
 
 # Relative L2 distance between the suspect's head weight and the key's above which the suspect's head
 # counts as a new one.
@@ -110,7 +112,7 @@ def _unfold(model: onnx.ModelProto, layer: onnx.NodeProto, record: dict) -> bool
     bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float32) if bias_name in initializers \
         else np.zeros(len(scale), np.float32)
     folded_output = layer.output[0]
-    prefix = f"onnxmark/unfolded/{folded_output}"
+    prefix = f"{UNFOLDED_PREFIX}{folded_output}"
     model.graph.initializer.append(numpy_helper.from_array(
         ((bias - record["bias"]) / scale + record["mean"]).astype(np.float32), f"{prefix}/layer_bias"))
     if bias_name:

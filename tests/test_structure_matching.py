@@ -287,6 +287,29 @@ def test_quantized_head_keeps_own_head(fixture_watermarked, tmp_path):
     assert not any("head" in note for note in notes)
 
 
+def test_quantized_logits_never_negative_keep_no_relu(fixture_watermarked, tmp_path):
+    """A zero point at int8's minimum after the logits layer, as calibration data that gave no negative logit
+    would leave, restores no ReLU there: the key's model has none."""
+    model, key_path = fixture_watermarked
+    quantized = tmp_path / "qdq.onnx"
+    quantize_static(model, quantized, "QDQ")
+    suspect = onnx.load(str(quantized))
+    producers = {output: node for node in suspect.graph.node for output in node.output}
+    after_gemm = [node for node in suspect.graph.node if node.op_type == "QuantizeLinear"
+                  and producers.get(node.input[0]) is not None and producers[node.input[0]].op_type == "Gemm"]
+    logits = after_gemm[-1]     # the nodes are in topological order
+    zero_point = next(init for init in suspect.graph.initializer if init.name == logits.input[2])
+    zero_point.CopyFrom(numpy_helper.from_array(np.array(-128, np.int8), zero_point.name))
+    clamped = tmp_path / "clamped.onnx"
+    onnx.save(suspect, str(clamped))
+    key = load_key(key_path)
+
+    extraction = extract(clamped, key)
+
+    assert abs(extraction.ssim.mean() - extract(model, key).ssim.mean()) <= SSIM_TOLERANCE
+    assert any("not restored" in note for note in extraction.notes), extraction.notes
+
+
 def test_key_stores_head_and_batch_norms(burn_watermarked):
     _, key_path = burn_watermarked
     key = Key.from_json(load_key(key_path).to_json())
