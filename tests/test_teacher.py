@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from onnxmark.data import InputSpec, Preprocessing, shifted_copies
+from onnxmark.data import InputSpec, Preprocessing, load_dataset, shifted_copies
 from onnxmark.embed import EmbedOptions, embed, train_without_watermark
 from onnxmark.evaluate import agreement, predict
 from onnxmark.extract import extract
@@ -197,20 +197,42 @@ def test_library_rejects_teacher_with_scratch_mode(tmp_path):
 
 # ----- end to end -----
 
-def test_teacher_embed_of_trained_fixture(tmp_path):
-    """One epoch of teacher mode on a briefly trained fixture model keeps its predictions and shows the mark."""
-    trained_bytes, _ = train_without_watermark(FIXTURE_MODEL, EmbedOptions(data="mnist-sample", output_dir=tmp_path,
-                                                                           epochs=1))
-    trained = tmp_path / "trained.onnx"
-    trained.write_bytes(trained_bytes)
+@pytest.fixture(scope="module")
+def trained_fixture(tmp_path_factory):
+    """The fixture model after one epoch on mnist-sample without a watermark."""
+    folder = tmp_path_factory.mktemp("trained")
+    model_bytes, _ = train_without_watermark(FIXTURE_MODEL, EmbedOptions(data="mnist-sample", output_dir=folder,
+                                                                         epochs=1))
+    path = folder / "trained.onnx"
+    path.write_bytes(model_bytes)
+    return path
 
-    summary = embed(trained, EmbedOptions(data="mnist-sample", output_dir=tmp_path / "out", teacher=True, epochs=1))
+
+def test_teacher_embed_of_trained_fixture(tmp_path, trained_fixture):
+    """One epoch of teacher mode on a briefly trained fixture model keeps its predictions and shows the mark."""
+    summary = embed(trained_fixture, EmbedOptions(data="mnist-sample", output_dir=tmp_path / "out", teacher=True,
+                                                  epochs=1))
     scores = extract(summary["model"], load_key(summary["key"]))
 
     assert summary["teacher"] is True
     assert summary["agreement"] >= 0.97
     assert summary["accuracy_after"] >= summary["accuracy_before"] - 0.01
     assert float(np.mean(scores.ssim)) >= 0.9
+
+
+def test_trained_mode_ignores_wrong_labels(tmp_path, trained_fixture):
+    """With labels, trained mode still distils from the original: labels that contradict it change nothing."""
+    digits = load_dataset("mnist-sample")
+    data = tmp_path / "wrong_labels.npz"
+    np.savez(data, x=(digits.images[:, 0] * 255).round().astype(np.uint8), y=(digits.labels + 1) % 10)
+
+    summary = embed(trained_fixture, EmbedOptions(data=str(data), output_dir=tmp_path / "out", mode="trained",
+                                                  epochs=1))
+
+    assert summary["teacher"] is False
+    assert summary["mode"] == "trained"
+    assert summary["accuracy_before"] < 0.1    # every label is off by one class
+    assert summary["agreement"] >= 0.97
 
 
 # NOTE: these small convolutional models keep 97% agreement in teacher mode, but their watermark stays

@@ -110,12 +110,10 @@ def test_ascent_shifts_first_step():
 
 def test_only_scratch_mode_shifts_steps():
     options = EmbedOptions(data="mnist-sample", output_dir=Path("unused"))
-    scratch = _training_config(options, trained=False, teacher=False)
-    trained = _training_config(options, trained=True, teacher=False)
-    teacher = _training_config(options, trained=True, teacher=True)
+    scratch = _training_config(options, trained=False)
+    trained = _training_config(options, trained=True)
 
     assert scratch.drift_lookahead > 0
     assert scratch.erase_steps > 0
-    for config in (trained, teacher):
-        assert config.drift_lookahead == 0
-        assert config.erase_steps == 0
+    assert trained.drift_lookahead == 0
+    assert trained.erase_steps == 0
