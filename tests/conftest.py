@@ -18,14 +18,14 @@ REAL_MNIST_MODELS = [
     "pytorch2.5.1_mnist_opset17.onnx",
     "pytorch2.0.0_burn_mnist_bn.onnx",
     "pytorch1.11_mnist_mlp_softmax.onnx",
+    "keras2onnx_mnist_cnn_maxpool.onnx",
+    "djl_mnist_mvn.onnx",
 ]
 
 # Every model in ../shared/models.
 ALL_REAL_MODELS = [
     *REAL_MNIST_MODELS,
     "caffe2_squeezenet1.1_fp16.onnx",
-    "djl_mnist_mvn.onnx",
-    "keras2onnx_mnist_cnn_maxpool.onnx",
     "keras2onnx_mnist_mlp_softmax.onnx",
     "pytorch1.10_cifar10_resize.onnx",
     "pytorch1.7_cifar10_imageclassifier.onnx",
