@@ -98,14 +98,15 @@ def _float_pair(ctx, param, value):
 @click.option("--max-hardening-steps", type=click.IntRange(0), default=2000, show_default=True,
               help="Step limit of hardening.")
 @click.option("--epochs", type=click.IntRange(0), default=None,
-              help="Epochs of constraint training (default 5 from scratch, 6 for a trained model, 12 in teacher "
-                   "mode, where an epoch also covers 4 shifted copies of every training image).")
+              help="Epochs of constraint training (default 5 from scratch, 12 for a trained model, where an "
+                   "epoch also covers 4 shifted copies of every training image).")
 @click.option("--mode", type=click.Choice(["auto", "scratch", "trained"]), default="auto", show_default=True,
-              help="scratch: hardening then training; trained: keep accuracy, batch-norm statistics frozen; "
-                   "auto: trained when held-out accuracy is at least twice chance level.")
+              help="scratch: hardening, then training on the labels; trained: training to agree with the "
+                   "original's outputs (knowledge distillation), labels only measure accuracy; auto: trained when "
+                   "held-out accuracy is at least twice chance level.")
 @click.option("--teacher", is_flag=True,
-              help="Teacher mode: train the model to agree with its original outputs (knowledge distillation) "
-                   "instead of with labels, so any images will do. Chosen automatically when the data has no labels.")
+              help="Teacher mode: trained mode without labels, so any images will do. Chosen automatically when "
+                   "the data has no labels.")
 @click.option("--held-out", type=click.IntRange(1), default=1000, show_default=True,
               help="Number of images held out to measure accuracy and agreement with the original.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Training batch size.")

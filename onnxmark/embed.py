@@ -64,7 +64,7 @@ class EmbedOptions:
     max_hardening_steps: int = 2000
     epochs: int | None = None           # None: 5 from scratch, TRAINED_EPOCHS for a trained model
     mode: str = "auto"                  # "auto", "scratch" or "trained"
-    teacher: bool = False               # distil from the original's outputs (chosen anyway for unlabelled data)
+    teacher: bool = False               # trained mode without labels (chosen anyway for unlabelled data)
     held_out: int = 1000
     batch_size: int = 64
     seed: int = 0
