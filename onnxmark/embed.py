@@ -36,12 +36,12 @@ SCRATCH_EPOCHS = 5
 # A trained model is watermarked by constraint training alone, with labels or without them (teacher mode).
 # Its main task is distillation from its own original logits, recorded before any step, because that
 # lets the watermark in while keeping the model's behaviour. Over one embed each of five labelled MNIST
-# models, it kept accuracy within 0.6 points. Mean SSIM rose above that of cross-entropy on the labels at
-# a tenth of the learning rate, from 0.26 to 0.92 on the Keras CNN for example (see BENCHMARKS.md). It distils on the training images
-# and on shifted copies of them, because a student that only matches the original on the training images
-# drifts away from it on other images. Main and transposed steps share one Adam optimizer whose learning
-# rate falls along a cosine, and the schedule gives way whenever top-1 agreement with the original on
-# training images falls TRAINED_AGREEMENT_TOLERANCE below 1.
+# models, it kept accuracy within 0.6 points, and mean SSIM rose above that of cross-entropy on the
+# labels at 1e-4: on the Keras CNN from 0.26 to between 0.83 and 0.96 (see BENCHMARKS.md). It distils on
+# the training images and on shifted copies of them, because a student that only matches the original on
+# the training images drifts away from it on other images. Main and transposed steps share one Adam
+# optimizer whose learning rate falls along a cosine, and the schedule gives way whenever top-1 agreement
+# with the original on training images falls TRAINED_AGREEMENT_TOLERANCE below 1.
 TRAINED_EPOCHS = 12                     # passes over the training images and their shifted copies
 TRAINED_LR = 1e-3
 TRAINED_AGREEMENT_TOLERANCE = 0.01
