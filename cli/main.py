@@ -89,6 +89,9 @@ def _float_pair(ctx, param, value):
               help="Image file used as one secret (repeat for more keys).")
 @click.option("--keys", "key_count", type=click.IntRange(1, 1000), default=11, show_default=True,
               help="Number of keys when the secrets are the default texts.")
+@click.option("--key-range", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+              help="Key vectors are drawn uniform in [-R, R]. Smaller keys helped models whose first transposed "
+                   "images differ between keys by several pixel units (see BENCHMARKS.md).")
 @click.option("--input-range", nargs=2, type=float, default=None, callback=_float_pair,
               help="Model input value range LO HI that pixels 0..1 map to (default 0 1).")
 @click.option("--mean", type=str, default=None, help="Per-channel mean (comma-separated) of mean/std input normalisation.")
@@ -116,7 +119,7 @@ def _float_pair(ctx, param, value):
                    "random source, so that they cannot be rebuilt, and the split and training use seed 0.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def embed(model, data, output_dir, secret_texts, secret_images, key_count, input_range, mean, std, ssim_target,
+def embed(model, data, output_dir, secret_texts, secret_images, key_count, key_range, input_range, mean, std, ssim_target,
           max_hardening_steps, epochs, mode, teacher, held_out, batch_size, seed, force, as_json):
     """Watermark MODEL and write the watermarked model, the key and the evidence."""
     from onnxmark.embed import EmbedOptions, embed as embed_model
@@ -128,7 +131,7 @@ def embed(model, data, output_dir, secret_texts, secret_images, key_count, input
                                "with --mode scratch.")
     options = EmbedOptions(
         data=data, output_dir=output_dir, secret_texts=list(secret_texts),
-        secret_images=[str(p) for p in secret_images], key_count=key_count,
+        secret_images=[str(p) for p in secret_images], key_count=key_count, key_range=key_range,
         preprocessing=_preprocessing(input_range, mean, std), ssim_target=ssim_target,
         max_hardening_steps=max_hardening_steps, epochs=epochs, mode=mode, teacher=teacher, held_out=held_out,
         batch_size=batch_size, seed=0 if seed is None else seed, secure_keys=seed is None, force=force)

@@ -64,18 +64,18 @@ class Calibration:
         }
 
 
-def draw_null_keys(count: int, width: int, seed: int) -> np.ndarray:
-    """Draw `count` random key vectors [count, width], uniform in [KEY_LOW, KEY_HIGH] like real keys."""
+def draw_null_keys(count: int, width: int, seed: int, key_range: float = KEY_HIGH) -> np.ndarray:
+    """Draw `count` random key vectors [count, width], uniform in [-key_range, key_range] like real keys."""
     generator = np.random.default_rng([NULL_KEY_STREAM, seed])
-    return generator.uniform(KEY_LOW, KEY_HIGH, (count, width)).astype(np.float32)
+    return generator.uniform(-key_range, key_range, (count, width)).astype(np.float32)
 
 
-def check_key_range(keys: np.ndarray) -> None:
+def check_key_range(keys: np.ndarray, key_range: float = KEY_HIGH) -> None:
     """Warn when real keys lie outside the range random keys come from, which would bias the p-values."""
-    if keys.size and (keys.min() < KEY_LOW or keys.max() > KEY_HIGH):
+    if keys.size and (keys.min() < -key_range or keys.max() > key_range):
         log.warning("The key vectors range from %.3g to %.3g, outside [%g, %g] where the random keys of the "
                     "null distribution come from, so the p-values compare unlike keys and may mislead.",
-                    keys.min(), keys.max(), KEY_LOW, KEY_HIGH)
+                    keys.min(), keys.max(), -key_range, key_range)
 
 
 def calibrate(images: np.ndarray, null_images: np.ndarray, secrets: np.ndarray, null_seed: int) -> Calibration:

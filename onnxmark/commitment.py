@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from onnxmark.errors import OnnxmarkError
+from onnxmark.calibration import KEY_HIGH
 from onnxmark.keyfile import KEY_FORMAT, KEY_FORMAT_VERSION, Key
 
 COMMITMENT_SCHEME = "onnxmark-key-commitment-v1"
@@ -61,6 +62,10 @@ def canonical_key(key: Key) -> bytes:
                          for name, value in record.items()} for record in key.batch_norms],
         "head": [_array_digest(value) for value in key.head],
     }
+    # The range that the random keys of the calibration come from. Only a range other than the default is
+    # part of the form, so that keys written before it was recorded keep their commitments.
+    if key.key_range != KEY_HIGH:
+        document["key_range"] = float(key.key_range)
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 

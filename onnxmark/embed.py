@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxmark import __version__
-from onnxmark.calibration import KEY_HIGH, KEY_LOW
+from onnxmark.calibration import KEY_HIGH
 from onnxmark.data import (Dataset, InputSpec, Preprocessing, adapt_images, from_layout, load_dataset,
                            shifted_copies, split_held_out, to_layout)
 from onnxmark.errors import OnnxmarkError
@@ -59,6 +59,7 @@ class EmbedOptions:
     secret_texts: list[str] = field(default_factory=list)
     secret_images: list[str] = field(default_factory=list)
     key_count: int = DEFAULT_SECRET_COUNT
+    key_range: float = KEY_HIGH   # key vectors are uniform in [-key_range, key_range]
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     ssim_target: float = 0.95
     max_hardening_steps: int = 2000
@@ -125,7 +126,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
 
         key_rng = np.random.default_rng(_key_seed(options))
         secrets = _secrets(options, spec, key_rng)
-        keys = key_rng.uniform(KEY_LOW, KEY_HIGH, (len(secrets), _class_count(graph)))
+        keys = key_rng.uniform(-options.key_range, options.key_range, (len(secrets), _class_count(graph)))
         config = _training_config(options, trained)
         plan.frozen_values = record_frozen(plan, graph, inputs[train])
         watermarker = Watermarker(graph, plan, spec, options.preprocessing, keys.astype(np.float32), secrets, config)
@@ -149,7 +150,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         key = Key(keys=keys.astype(np.float32), secrets=secrets, input_spec=spec,
                   preprocessing=options.preprocessing, signature=plan.signature(graph),
                   frozen=plan.frozen_values, batch_norms=batch_norm_records(watermarked),
-                  head=head_values(watermarked),
+                  head=head_values(watermarked), key_range=options.key_range,
                   model_sha256=model_sha256(watermarked), model_file=paths["model"].name,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   onnxmark_version=__version__)

@@ -120,9 +120,9 @@ def _extract_canonical(suspect: str | Path, key: Key, model: onnx.ModelProto, nu
     canonical, graph, plan = _fitting_canonical(suspect, key, model)
     plan.frozen_values = _frozen_by_position(plan, graph, key)
 
-    random_keys = draw_null_keys(null_keys, key.keys.shape[1], null_seed)
+    random_keys = draw_null_keys(null_keys, key.keys.shape[1], null_seed, key.key_range)
     if null_keys:
-        check_key_range(key.keys)
+        check_key_range(key.keys, key.key_range)
     transposed = build_transposed_model(plan, graph)
     values = run_transposed(transposed, np.concatenate([key.keys, random_keys]))
     pixels = key.preprocessing.to_pixels(from_layout(values, key.input_spec))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxmark.calibration import KEY_HIGH
 from onnxmark.data import InputSpec, Preprocessing
 from onnxmark.errors import OnnxmarkError
 from onnxmark.restore import BATCH_NORM_ARRAYS
@@ -38,6 +39,7 @@ class Key:
     frozen: dict[str, np.ndarray] = field(default_factory=dict)   # tensors recorded from forward passes
     batch_norms: list[dict] = field(default_factory=list)   # batch norms after Convs, to undo their folding
     head: list[np.ndarray] = field(default_factory=list)    # classification head weight (and bias)
+    key_range: float = KEY_HIGH   # key vectors are drawn uniform in [-key_range, key_range]
 
     def to_json(self) -> str:
         document = {
@@ -49,6 +51,7 @@ class Key:
             "model_sha256": self.model_sha256,
             "input": self.input_spec.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
+            "key_range": float(self.key_range),
             "keys": [[float(v) for v in row] for row in np.asarray(self.keys, dtype=np.float32)],
             "secrets": [base64.b64encode(secret_to_png_bytes(s)).decode("ascii") for s in self.secrets],
             "signature": self.signature,
@@ -85,6 +88,7 @@ class Key:
                 frozen={name: _decode_array(value) for name, value in document.get("frozen", {}).items()},
                 batch_norms=[_decode_batch_norm(record) for record in document.get("batch_norms", [])],
                 head=[_decode_array(value) for value in document.get("head", [])],
+                key_range=float(document.get("key_range", KEY_HIGH)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise OnnxmarkError(f"{source} is not a valid key file: missing or invalid field ({error})") from error

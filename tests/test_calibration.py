@@ -100,6 +100,14 @@ def test_null_keys_uniform_and_repeatable():
     assert not np.array_equal(keys[:10], draw_null_keys(10, 10, seed=4))
 
 
+def test_null_keys_follow_key_range():
+    keys = draw_null_keys(5000, 10, seed=3, key_range=1.0)
+
+    assert keys.min() >= -1.0
+    assert keys.max() <= 1.0
+    assert keys.max() > 0.99
+
+
 def test_null_keys_avoid_embed_keys():
     """Embed draws its keys from default_rng(seed); the random keys of the same seed must not repeat them."""
     for seed in range(3):

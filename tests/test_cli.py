@@ -147,6 +147,24 @@ def test_seed_repeats_keys(tmp_path):
     assert key_vectors(tmp_path / "first") == key_vectors(tmp_path / "second")
 
 
+def test_key_range_bounds_keys_and_random_keys(tmp_path):
+    """Embed draws keys in the range, the key file records it, and calibration draws its random keys there."""
+    from onnxmark.extract import extract
+    from onnxmark.keyfile import load_key
+
+    summary = last_json(onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "--seed", 5, "--key-range", 0.5,
+                                 "-o", tmp_path, "--json"))
+    key = load_key(summary["key"])
+    narrow = extract(summary["model"], key, null_keys=50).calibration.null_ssim
+    key.key_range = 10.0
+    wide = extract(summary["model"], key, null_keys=50).calibration.null_ssim
+
+    assert key.keys.min() >= -0.5
+    assert key.keys.max() <= 0.5
+    assert json.loads(Path(summary["key"]).read_text())["key_range"] == 0.5
+    assert not np.allclose(narrow, wide)
+
+
 def test_embed_again_with_force(tmp_path):
     onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "-o", tmp_path)
 

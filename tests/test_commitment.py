@@ -156,6 +156,19 @@ def test_commitment_covers_frozen_order(key_path, tmp_path):
     assert commit(tmp_path / "ab.json") != commit(tmp_path / "float64.json")
 
 
+def test_commitment_covers_key_range(key_path, tmp_path):
+    """The key range sets the calibration's random keys; the default range leaves older commitments as they were."""
+    key = load_key(key_path)
+    document = json.loads(key_path.read_text())
+    del document["key_range"]
+    (tmp_path / "without.json").write_text(json.dumps(document))
+    key.key_range = 1.0
+    (tmp_path / "narrow.json").write_text(key.to_json())
+
+    assert commit(tmp_path / "without.json") == commit(key_path)
+    assert commit(tmp_path / "narrow.json") != commit(key_path)
+
+
 def test_commit_missing_key_file(tmp_path):
     result = onnxmark("key", "commit", tmp_path / "absent.json", check=False)
 

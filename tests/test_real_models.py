@@ -60,3 +60,15 @@ def test_full_embed_keeps_accuracy_and_shows_mark(tmp_path, name):
 
     assert summary["accuracy_after"] >= summary["accuracy_before"] - 0.01
     assert scores["ssim_mean"] >= 0.85
+
+
+@pytest.mark.slow
+def test_small_key_range_marks_djl_model(tmp_path):
+    """Keys in [-1, 1] keep the DJL model's key signal, which keys in [-10, 10] lose (mean SSIM about 0.6)."""
+    name = "djl_mnist_mvn.onnx"
+    summary = run_json("embed", real_model(name), "--seed", "0", "--data", "mnist-sample", *real_model_options(name),
+                       "--key-range", "1", "-o", tmp_path, "--json")
+    scores = run_json("extract", summary["model"], "--key", summary["key"], "-o", tmp_path / "check", "--json")
+
+    assert summary["accuracy_after"] >= summary["accuracy_before"] - 0.01
+    assert scores["ssim_mean"] >= 0.85
