@@ -42,10 +42,10 @@ def test_short_embed_changes_only_initializer_values(tmp_path, name):
     assert original.SerializeToString() == written.SerializeToString()
 
 
-# NOTE: these three models do not reach the SSIM bar yet, while keeping accuracy. CNTK's last pooling
-# leaves a 4x4 map, so its transposed model draws each key as 4x4 blocks (mean SSIM about 0.8). DJL's
-# stays near 0.6, for a reason not yet measured. The 0..255 MLP would need weights hundreds of times
-# larger than the forward model tolerates (mean SSIM under 0.1).
+# NOTE: with the default key range these three models do not reach the SSIM bar yet, while keeping
+# accuracy. CNTK's last pooling leaves a 4x4 map, so its transposed model draws each key as 4x4 blocks
+# (mean SSIM about 0.8). DJL loses the key's signal (about 0.6), which keys in [-1, 1] keep (test below).
+# The 0..255 MLP would need weights hundreds of times larger than the forward model tolerates (under 0.1).
 NOT_YET_WATERMARKED = {"cntk_mnist_opset7.onnx", "djl_mnist_mvn.onnx", "pytorch1.11_mnist_mlp_softmax.onnx"}
 
 
