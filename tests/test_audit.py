@@ -224,7 +224,7 @@ def fine_tuned_copy(source: Path, target: Path, preprocessing) -> None:
     target.write_bytes(model_bytes)
 
 
-# A trained MNIST model whose default embed reaches mean SSIM 0.96 (see BENCHMARKS.md).
+# A trained MNIST model whose default embed reaches mean SSIM 0.99 (see BENCHMARKS.md).
 WATERMARKED_REAL_MODEL = "pytorch2.0.0_burn_mnist_bn.onnx"
 
 
