@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MICROSOFT_DOMAIN = "com.microsoft"
 NCHWC_DOMAIN = "com.microsoft.nchwc"
-# Ends the name of every Relu that the rewrite restores after a quantized output without negative values.
+# Suffix of the name of every Relu that the rewrite restores after a quantized output without negative values.
 RESTORED_RELU_SUFFIX = "/clamp"
 WIDE_FLOAT_TYPES = {TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -106,7 +106,7 @@ class _Rewriter:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
 
     def emit_relu(self, source: str, output: str, name: str) -> None:
-        """Emit a restored ReLU unless it is one to leave out; then `output` becomes an alias of `source`."""
+        """Emit a restored ReLU, or make `output` an alias of `source` when that ReLU is one to leave out."""
         name = f"{name}{RESTORED_RELU_SUFFIX}"
         if name in self.unrestored:
             self.aliases[output] = source

@@ -36,8 +36,8 @@ SCRATCH_EPOCHS = 5
 # A trained model is watermarked by constraint training alone, with labels or without them (teacher mode).
 # Its main task is distillation from its own original logits, recorded before any step, because that
 # lets the watermark in while keeping the model's behaviour. Over one embed each of five labelled MNIST
-# models, it kept accuracy within 0.6 points, and mean SSIM rose above that of cross-entropy on the
-# labels at 1e-4: on the Keras CNN from 0.26 to between 0.83 and 0.96 (see BENCHMARKS.md). It distils on
+# models, it kept accuracy within 0.6 points. Mean SSIM rose above that of cross-entropy on the labels at
+# 1e-4, on the Keras CNN from 0.26 to between 0.83 and 0.96 (see BENCHMARKS.md). It distils on
 # the training images and on shifted copies of them, because a student that only matches the original on
 # the training images drifts away from it on other images. Main and transposed steps share one Adam
 # optimizer whose learning rate falls along a cosine, and the schedule gives way whenever top-1 agreement
@@ -131,7 +131,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         plan.frozen_values = record_frozen(plan, graph, inputs[train])
         watermarker = Watermarker(graph, plan, spec, options.preprocessing, keys.astype(np.float32), secrets, config)
 
-        # A trained model distils from the original's logits, recorded before any step. Labels only measure.
+        # A trained model distils from the original's logits, recorded before any step. Labels only measure accuracy.
         if trained:
             train_inputs = _distillation_pool(inputs[train], spec, options.seed)
             targets = watermarker.teacher_logits(train_inputs)

@@ -14,7 +14,7 @@ from onnxmark.canonical import attributes, node_input, op_domain
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 BATCH_NORM_ARRAYS = ("scale", "bias", "mean", "variance")
-# Begins the name of every node and initializer that undoing a folded batch norm adds.
+# Prefix of the name of every node and initializer that undoing a folded batch norm adds.
 UNFOLDED_PREFIX = "onnxmark/unfolded/"
 
 # Relative L2 distance between the suspect's head weight and the key's above which the suspect's head
