@@ -89,9 +89,10 @@ def _float_pair(ctx, param, value):
               help="Image file used as one secret (repeat for more keys).")
 @click.option("--keys", "key_count", type=click.IntRange(1, 1000), default=11, show_default=True,
               help="Number of keys when the secrets are the default texts.")
-@click.option("--key-range", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
-              help="Key vectors are drawn uniform in [-R, R]. Smaller keys helped models whose first transposed "
-                   "images differ between keys by several pixel units (see BENCHMARKS.md).")
+@click.option("--key-range", type=click.FloatRange(0, min_open=True), default=None,
+              help="Key vectors are drawn uniform in [-R, R]. Default: 10, or less for a model whose transposed "
+                   "images differ between such keys by more than one pixel unit before training, in "
+                   "proportion (the key file records R).")
 @click.option("--input-range", nargs=2, type=float, default=None, callback=_float_pair,
               help="Model input value range LO HI that pixels 0..1 map to (default 0 1).")
 @click.option("--mean", type=str, default=None, help="Per-channel mean (comma-separated) of mean/std input normalisation.")
@@ -143,7 +144,8 @@ def embed(model, data, output_dir, secret_texts, secret_images, key_count, key_r
         progress.close()
     _print_result(result, as_json, [
         f"watermarked model: {result['model']}",
-        f"key:               {result['key']} (keep it secret)",
+        f"key:               {result['key']} (keep it secret; keys in [-{result['key_range']:g}, "
+        f"{result['key_range']:g}])",
         f"evidence:          {result['evidence']}",
         f"mean SSIM {result['ssim_mean']:.3f} (min {result['ssim_min']:.3f}), {_fidelity(result)}, "
         f"{result['hardening_steps']} hardening steps, {result['seconds']:.1f} s",

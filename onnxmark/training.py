@@ -331,6 +331,21 @@ class Watermarker:
         return self.store.snapshot()
 
 
+def transposed_spread(graph: ModelGraph, plan: Plan, spec: InputSpec, preprocessing: Preprocessing,
+                      keys: np.ndarray) -> float:
+    """How much the untrained transposed model's images differ between `keys`, in pixel units.
+
+    Runs the transposed model of the weights as they are, without dropout, and returns the mean over
+    pixels of the standard deviation across keys. The plan's frozen values must be recorded.
+    """
+    transposed = TransposedExecutor(graph, ParameterStore(graph), plan, dropout=0.0)
+    scale, offset = _pixel_affine(preprocessing, spec.channels)
+    with torch.no_grad():
+        values = transposed(torch.from_numpy(np.asarray(keys, dtype=np.float32)))
+        images = nchw_from_layout(values, spec) * scale + offset
+    return float(images.std(dim=0).mean())
+
+
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL divergence from the teacher's softened class distribution to the student's, times temperature².
 
