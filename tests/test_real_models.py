@@ -46,7 +46,7 @@ def test_short_embed_changes_only_initializer_values(tmp_path, name):
 # of times larger than the forward model tolerates (mean SSIM under 0.1).
 NOT_YET_WATERMARKED = {"pytorch1.11_mnist_mlp_softmax.onnx"}
 # CNTK's mean SSIM varied between 0.79 and 0.88 over embeds with different keys and key ranges near the
-# chosen one, so its test holds the mark to a lower bar than 0.85. Keys in [-10, 10] gave 0.73 to 0.81.
+# chosen one, so its test sets a lower bar than 0.85. Keys in [-10, 10] gave 0.73 to 0.81.
 SSIM_BAR = {"cntk_mnist_opset7.onnx": 0.75}
 
 
