@@ -333,7 +333,7 @@ class Watermarker:
 
 def transposed_spread(graph: ModelGraph, plan: Plan, spec: InputSpec, preprocessing: Preprocessing,
                       keys: np.ndarray) -> float:
-    """How much the untrained transposed model's images differ between `keys`, in pixel units.
+    """Measure how much the transposed model's images differ between `keys`, in pixel units.
 
     Runs the transposed model of the weights as they are, without dropout, and returns the mean over
     pixels of the standard deviation across keys. The plan's frozen values must be recorded.
