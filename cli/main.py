@@ -102,7 +102,7 @@ def _float_pair(ctx, param, value):
 @click.option("--max-hardening-steps", type=click.IntRange(0), default=2000, show_default=True,
               help="Step limit of hardening.")
 @click.option("--epochs", type=click.IntRange(0), default=None,
-              help="Epochs of constraint training (default 5 from scratch, 12 for a trained model, where an "
+              help="Epochs of constraint training (default 5 from scratch, 24 for a trained model, where an "
                    "epoch also covers 4 shifted copies of every training image).")
 @click.option("--mode", type=click.Choice(["auto", "scratch", "trained"]), default="auto", show_default=True,
               help="scratch: hardening, then training on the labels; trained: training to agree with the "

@@ -23,6 +23,7 @@ REAL_TEACHER_MODELS = [
     "tf2onnx_gtsrb_43cls_nhwc.onnx",
     "tf2onnx_traffic_classifier64_nhwc.onnx",
     "pytorch1.7_cifar10_imageclassifier.onnx",
+    "pytorch1.10_cifar10_resize.onnx",
 ]
 
 
@@ -235,16 +236,17 @@ def test_trained_mode_ignores_wrong_labels(tmp_path, trained_fixture):
     assert summary["agreement"] >= 0.97
 
 
-# NOTE: these small convolutional models keep 97% agreement in teacher mode, but their watermark stays
-# under mean SSIM 0.3. Their 4 to 24 channels and 10 to 16 hidden units leave little capacity to spare. With
-# a relaxed agreement guard, none of them kept 95% agreement at mean SSIM 0.85 or more.
+# NOTE: these small convolutional models keep about 97% agreement in teacher mode, but their watermark
+# stays under mean SSIM 0.7 (gtsrb 0.67 at 96.4 % agreement, the others under 0.2). Their 4 to 24 channels
+# and 10 to 16 hidden units leave little capacity to spare. With a relaxed agreement guard, none of them
+# kept 95% agreement at mean SSIM 0.85 or more.
 WEAK_TEACHER_WATERMARK = {"tf2onnx_gtsrb_43cls_nhwc.onnx", "tf2onnx_traffic_classifier64_nhwc.onnx",
                           "pytorch1.7_cifar10_imageclassifier.onnx"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="mean SSIM stays under 0.3"))
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="mean SSIM stays under 0.7"))
     if name in WEAK_TEACHER_WATERMARK else name for name in REAL_TEACHER_MODELS])
 def test_real_model_teacher_embed(tmp_path, name):
     path = real_model(name)
