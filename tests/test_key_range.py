@@ -38,7 +38,7 @@ def scaled_head_model(folder: Path) -> Path:
 
 
 def prepared(path: Path, preprocessing: Preprocessing = Preprocessing()):
-    """Graph, plan with frozen values, input spec and preprocessing, as embed prepares them."""
+    """Return the graph, the plan with frozen values, the input spec and the preprocessing, as embed prepares them."""
     graph = import_graph(path, load_onnx(path))
     plan = build_plan(graph)
     spec = InputSpec.from_dims(graph.input_dims)
@@ -46,6 +46,16 @@ def prepared(path: Path, preprocessing: Preprocessing = Preprocessing()):
     inputs = to_layout(preprocessing.to_model(pixels), spec).astype(np.float32)
     plan.frozen_values = record_frozen(plan, graph, inputs)
     return graph, plan, spec, preprocessing
+
+
+def recorded_preprocessing(name: str) -> Preprocessing:
+    """Return the preprocessing that preprocessing.json records for a real model (a range, or mean and std)."""
+    options = real_model_options(name)
+    if "--mean" in options:
+        return Preprocessing(mean=(float(options[options.index("--mean") + 1]),),
+                             std=(float(options[options.index("--std") + 1]),))
+    low, high = options[options.index("--input-range") + 1:options.index("--input-range") + 3]
+    return Preprocessing(low=float(low), high=float(high))
 
 
 def spread_at(key_range: float, graph, plan, spec, preprocessing) -> float:
@@ -85,14 +95,14 @@ def test_embed_records_the_chosen_range(tmp_path):
 def test_djl_model_gets_small_keys():
     """DJL's transposed images differ between keys in [-10, 10] by about 37 pixel units."""
     name = "djl_mnist_mvn.onnx"
-    low, high = (float(value) for value in real_model_options(name)[1:3])
-    model = prepared(real_model(name), Preprocessing(low=low, high=high))
+    model = prepared(real_model(name), recorded_preprocessing(name))
 
     assert chosen_key_range(*model) <= 0.5
 
 
 def test_burn_model_keeps_default_range():
     """burn's MNIST model reaches mean SSIM 0.989 with keys in [-10, 10] (spread about 0.013)."""
-    model = prepared(real_model("pytorch2.0.0_burn_mnist_bn.onnx"), Preprocessing(mean=(0.1307,), std=(0.3081,)))
+    name = "pytorch2.0.0_burn_mnist_bn.onnx"
+    model = prepared(real_model(name), recorded_preprocessing(name))
 
     assert chosen_key_range(*model) == KEY_HIGH
