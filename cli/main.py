@@ -148,7 +148,8 @@ def embed(model, data, output_dir, secret_texts, secret_images, key_count, key_r
         f"{result['key_range']:g}])",
         f"evidence:          {result['evidence']}",
         f"mean SSIM {result['ssim_mean']:.3f} (min {result['ssim_min']:.3f}), {_fidelity(result)}, "
-        f"{result['hardening_steps']} hardening steps, {result['seconds']:.1f} s",
+        f"{result['hardening_steps']} hardening steps at learning rate {result['learning_rate']:g}, "
+        f"{result['seconds']:.1f} s",
     ])
 
 

@@ -196,6 +196,7 @@ def embed(model_path: str | Path, options: EmbedOptions, progress=None) -> dict:
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
         "hardening_steps": hardening_steps,
+        "learning_rate": watermarker.config.main_lr,
         "main_steps": schedule["main_steps"],
         "watermark_steps": schedule["watermark_steps"],
         "seconds": round(time.time() - started, 2),

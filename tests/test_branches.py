@@ -44,39 +44,51 @@ def transposed_both_ways(graph, plan, y):
     return from_onnx, from_torch
 
 
-def residual_model(tmp_path):
-    """x -> stem -> s; s -> conv_a -> relu -> conv_b -> r; y = s + r (the shortcut has no layer)."""
+def residual_model(tmp_path, shortcut_layer=False):
+    """x -> stem -> s; s -> conv_a -> relu -> conv_b -> r; y = s + r.
+
+    The shortcut is the identity, or with `shortcut_layer` a 1x1 conv of s as in a downsampling block.
+    """
     nodes = [
         helper.make_node("Conv", ["x", "w_stem"], ["s"], name="stem", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["s", "w_a"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
         helper.make_node("Conv", ["a_relu", "w_b"], ["r"], name="conv_b", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["s", "r"], ["y"], name="residual"),
     ]
     weights = {"w_stem": conv_weight(4, 1), "w_a": conv_weight(4, 4), "w_b": conv_weight(4, 4)}
+    shortcut = "s"
+    if shortcut_layer:
+        nodes.append(helper.make_node("Conv", ["s", "w_short"], ["s_short"], name="conv_short"))
+        weights["w_short"] = conv_weight(4, 4, 1)
+        shortcut = "s_short"
+    nodes.append(helper.make_node("Add", [shortcut, "r"], ["y"], name="residual"))
     return save_model(tmp_path, nodes, [1, 1, 6, 6], weights)
 
 
-def test_residual_add_freezes_shortcut(tmp_path):
+def intermediate_mean(path, tensor, data):
+    """Mean over `data` of an intermediate tensor, computed by onnxruntime one sample at a time."""
+    import onnxruntime as ort
+
+    exposed = onnx.load(path)
+    exposed.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([tensor], {"x": data[i:i + 1]})[0] for i in range(len(data))]).mean(axis=0)
+
+
+def test_conv_block_follows_identity_shortcut_and_freezes_residual(tmp_path):
     path = residual_model(tmp_path)
     data = RNG.uniform(0, 1, (256, 1, 6, 6)).astype(np.float32)
 
     graph, plan = planned(path, data)
 
     residual = next(step for step in plan.steps if step.node.name == "residual")
-    assert residual.sources == ("r",)
-    assert residual.frozen == ("s",)
-    assert [step.node.name for step in plan.steps] == ["residual", "conv_b", "relu_a", "conv_a", "stem"]
-    import onnxruntime as ort
-
-    exposed = onnx.load(path)
-    exposed.graph.output.append(onnx.ValueInfoProto(name="s"))
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
-    shortcut = np.concatenate([session.run(["s"], {"x": data[i:i + 1]})[0] for i in range(256)])
-    np.testing.assert_allclose(plan.frozen_values["s"], shortcut.mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert residual.sources == ("s",)
+    assert residual.frozen == ("r",)
+    assert [step.node.name for step in plan.steps] == ["residual", "stem"]
+    np.testing.assert_allclose(plan.frozen_values["r"], intermediate_mean(path, "r", data), rtol=1e-4, atol=1e-4)
 
 
-def test_residual_transposed_subtracts_the_frozen_shortcut(tmp_path):
+def test_identity_shortcut_transposed_subtracts_the_frozen_residual(tmp_path):
     path = residual_model(tmp_path)
     graph, plan = planned(path, RNG.uniform(0, 1, (256, 1, 6, 6)).astype(np.float32))
     y = RNG.normal(size=(3, 4, 6, 6)).astype(np.float32)
@@ -84,12 +96,44 @@ def test_residual_transposed_subtracts_the_frozen_shortcut(tmp_path):
     from_onnx, from_torch = transposed_both_ways(graph, plan, y)
 
     np.testing.assert_allclose(from_torch, from_onnx, rtol=1e-4, atol=1e-4)
-    shifted = torch.from_numpy(y - plan.frozen_values["s"][None])
+    shifted = torch.from_numpy(y - plan.frozen_values["r"][None])
+    expected = torch.nn.functional.conv_transpose2d(shifted, torch.tensor(graph.constants["w_stem"]), padding=1)
+    np.testing.assert_allclose(from_onnx, expected.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_downsampling_block_follows_residual_and_freezes_shortcut(tmp_path):
+    path = residual_model(tmp_path, shortcut_layer=True)
+    data = RNG.uniform(0, 1, (256, 1, 6, 6)).astype(np.float32)
+    graph, plan = planned(path, data)
+    y = RNG.normal(size=(3, 4, 6, 6)).astype(np.float32)
+
+    from_onnx, from_torch = transposed_both_ways(graph, plan, y)
+
+    assert [step.node.name for step in plan.steps] == ["residual", "conv_b", "relu_a", "conv_a", "stem"]
+    np.testing.assert_allclose(plan.frozen_values["s_short"], intermediate_mean(path, "s_short", data),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(from_torch, from_onnx, rtol=1e-4, atol=1e-4)
+    shifted = torch.from_numpy(y - plan.frozen_values["s_short"][None])
     weights = {name: torch.tensor(graph.constants[name]) for name in ("w_stem", "w_a", "w_b")}
     expected = torch.nn.functional.conv_transpose2d(shifted, weights["w_b"], padding=1)
     expected = torch.nn.functional.conv_transpose2d(torch.relu(expected), weights["w_a"], padding=1)
     expected = torch.nn.functional.conv_transpose2d(expected, weights["w_stem"], padding=1)
     np.testing.assert_allclose(from_onnx, expected.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_linear_block_follows_residual_branch(tmp_path):
+    """A transformer-style block, y = x + W2 relu(W1 x): the branch with the layers is followed."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_1"], ["h"], name="up"),
+        helper.make_node("Relu", ["h"], ["h_relu"], name="relu"),
+        helper.make_node("MatMul", ["h_relu", "w_2"], ["r"], name="down"),
+        helper.make_node("Add", ["x", "r"], ["y"], name="residual"),
+    ]
+    weights = {"w_1": RNG.normal(size=(4, 8)).astype(np.float32), "w_2": RNG.normal(size=(8, 4)).astype(np.float32)}
+    graph, plan = planned(save_model(tmp_path, nodes, [1, 4], weights), RNG.normal(size=(256, 4)).astype(np.float32))
+
+    assert [step.node.name for step in plan.steps] == ["residual", "down", "relu", "up"]
+    assert plan.steps[0].frozen == ("x",)
 
 
 def test_concat_of_two_branches_is_the_adjoint(tmp_path):
@@ -217,9 +261,10 @@ def test_inspect_lists_frozen_branches(tmp_path):
 
     report = inspect_model(residual_model(tmp_path))
 
-    assert report["frozen"] == [{"node": "residual", "tensor": "s", "shape": [4, 6, 6]}]
+    assert report["frozen"] == [{"node": "residual", "tensor": "r", "shape": [4, 6, 6]}]
     statuses = {entry["name"]: entry["status"] for entry in report["nodes"]}
-    assert statuses["residual"] == "transposed, frozen branch s"
+    assert statuses["residual"] == "transposed, frozen branch r"
+    assert statuses["conv_b"] == "in a frozen branch (its mean value is stored in the key)"
 
 
 def test_branch_without_rule_is_frozen(tmp_path):
@@ -262,20 +307,24 @@ def test_inspect_marks_frozen_branch_nodes(tmp_path):
 
 
 def residual_classifier(tmp_path):
-    """A small residual classifier for MNIST: stem conv, one residual block, pooling and a linear head."""
+    """A small residual classifier for MNIST: stem conv, one residual block, pooling and a linear head.
+
+    The block's shortcut is a 1x1 conv, so the transposed model follows its residual branch.
+    """
     nodes = [
         helper.make_node("Conv", ["x", "w_stem"], ["s"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["s"], ["s_relu"], name="stem_relu"),
         helper.make_node("Conv", ["s_relu", "w_a"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
         helper.make_node("Conv", ["a_relu", "w_b"], ["r"], name="conv_b", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["s_relu", "r"], ["sum"], name="residual"),
+        helper.make_node("Conv", ["s_relu", "w_short"], ["s_short"], name="conv_short"),
+        helper.make_node("Add", ["s_short", "r"], ["sum"], name="residual"),
         helper.make_node("MaxPool", ["sum"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "w_fc", "b_fc"], ["y"], name="fc", transB=1),
     ]
     weights = {"w_stem": conv_weight(8, 1) * 0.3, "w_a": conv_weight(8, 8) * 0.1, "w_b": conv_weight(8, 8) * 0.1,
-               "w_fc": RNG.normal(0, 0.03, (10, 8 * 7 * 7)).astype(np.float32), "b_fc": np.zeros(10, np.float32)}
+               "w_short": conv_weight(8, 8, 1) * 0.3, "w_fc": RNG.normal(0, 0.03, (10, 8 * 7 * 7)).astype(np.float32), "b_fc": np.zeros(10, np.float32)}
     return save_model(tmp_path, nodes, ["N", 1, 28, 28], weights)
 
 
@@ -311,7 +360,7 @@ def test_residual_embed_extracts_from_renamed_copy(tmp_path):
 
     extraction = extract(renamed, key)
 
-    assert list(key.frozen) == ["s_relu"]
+    assert list(key.frozen) == ["s_short"]
     assert summary["ssim_mean"] >= 0.8
     np.testing.assert_allclose(extraction.ssim, extract(summary["model"], key).ssim, atol=1e-6)
 

@@ -41,10 +41,11 @@ def embedded(tmp_path_factory):
 def test_embed_reports_every_field(embedded):
     _, summary = embedded
     for field in ("model", "key", "ssim_mean", "ssim_min", "accuracy_before", "accuracy_after",
-                  "hardening_steps", "seconds"):
+                  "hardening_steps", "learning_rate", "seconds"):
         assert field in summary
     assert summary["mode"] == "scratch"
     assert summary["hardening_steps"] > 0
+    assert summary["learning_rate"] == 1e-3
 
 
 def test_embed_watermark_is_visible(embedded):

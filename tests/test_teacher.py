@@ -128,6 +128,7 @@ def test_npz_without_labels_selects_teacher_mode(tmp_path, unlabelled_npz):
     assert summary["accuracy_before"] is None
     assert summary["accuracy_after"] is None
     assert summary["hardening_steps"] == 0
+    assert summary["learning_rate"] == 1e-3
     assert "teacher mode" in result.stderr
 
 

@@ -2,9 +2,13 @@
 
 An element-wise node or MatMul of two activations follows one operand back and reads the other as a
 frozen tensor (its mean over real inputs, stored in the key): `c = a + b` becomes `a = c - mean(b)`.
-The followed operand is the one the plan can transpose back to the input. Where both can be, it is the
-branch with more conv/linear layers since the two branches parted, so the watermark runs through the
-residual branch of a ResNet block rather than its shortcut.
+The followed operand is the one the plan can transpose back to the input. Where both can be, a
+convolutional residual block whose shortcut is the identity follows the shortcut: it carries the key past
+the block unchanged, whereas following every residual branch multiplies the key through two more layers
+and subtracts a frozen shortcut per block, and in ResNet-34 that shrank the key's part of the image to
+nothing. Otherwise the followed operand is the branch with more conv/linear layers since the two branches
+parted: the residual branch of a downsampling block (its 1x1 strided shortcut would leave gaps in the
+image) and of a transformer block, where attention is the only path between tokens.
 
 Concat is split back into its parts, and each part goes back along its own branch. Where the branches
 meet again, the transposed model adds their contributions.
@@ -34,6 +38,10 @@ def choose_branch(node: Node, graph: ModelGraph) -> tuple[str, str]:
     first_layers = _layer_count(first_nodes - second_nodes, graph)
     second_layers = _layer_count(second_nodes - first_nodes, graph)
     if first_layers != second_layers:
+        if first_layers == 0 and _has_conv(second_nodes - first_nodes, graph):
+            return first, second
+        if second_layers == 0 and _has_conv(first_nodes - second_nodes, graph):
+            return second, first
         return (first, second) if first_layers > second_layers else (second, first)
 
     # No layers decide it: follow the operand the other one is computed from (x in x - mean(x)).
@@ -52,6 +60,10 @@ def _upstream_nodes(tensor: str, graph: ModelGraph) -> set[str]:
 
 def _layer_count(node_names: set[str], graph: ModelGraph) -> int:
     return sum(1 for name in node_names if graph.graph.nodes[name].get("op_type") in LAYER_OPS)
+
+
+def _has_conv(node_names: set[str], graph: ModelGraph) -> bool:
+    return any(graph.graph.nodes[name].get("op_type") == "Conv" for name in node_names)
 
 
 class FrozenOperandStep(Step):
