@@ -59,12 +59,18 @@ def test_architecture_plans_and_runtimes_agree(tmp_path, name):
 # hardening still stopped at 0.52. In the ViT only the class token carries the key, and the frozen
 # attention weights spread it over the patches with the same pattern for every key.
 KEY_INDEPENDENT = pytest.mark.xfail(strict=True, reason="the transposed model loses the key's signal")
-EMBEDDED_ARCHITECTURES = [pytest.param(name, marks=KEY_INDEPENDENT) if name in ("mobilenet_v2", "vit") else name
-                          for name in ARCHITECTURES]
+# The ResNets embed in about two minutes each on two cores and run with the slow tests. VGG11 takes about
+# half an hour, and MobileNetV2 and the ViT run their 2,000 hardening steps, so those run with -m long.
+EMBED_MARKS = {
+    "resnet18": [pytest.mark.slow],
+    "resnet34": [pytest.mark.slow],
+    "vgg11": [pytest.mark.slow, pytest.mark.long],
+    "mobilenet_v2": [pytest.mark.slow, pytest.mark.long, KEY_INDEPENDENT],
+    "vit": [pytest.mark.slow, pytest.mark.long, KEY_INDEPENDENT],
+}
+EMBEDDED_ARCHITECTURES = [pytest.param(name, marks=EMBED_MARKS[name]) for name in ARCHITECTURES]
 
 
-@pytest.mark.slow
-@pytest.mark.long
 @pytest.mark.parametrize("name", EMBEDDED_ARCHITECTURES)
 def test_architecture_embeds_from_scratch(tmp_path, name):
     script = fixture_script()
