@@ -208,20 +208,22 @@ class Watermarker:
                 for parameter, value in zip(self._parameters, saved):
                     parameter.copy_(value)
             torch.set_rng_state(random_state)
-            self._reset_optimizers()
-            if not math.isfinite(change) or change > PROBE_CHANGE_LIMIT:
+            too_far = not math.isfinite(change) or change > PROBE_CHANGE_LIMIT
+            if too_far:
                 self.config.main_lr /= 10
                 self.config.transposed_lr /= 10
-                self._reset_optimizers()
-            else:
+            self._reset_optimizers()
+            if not too_far:
                 break
         return self.config.transposed_lr
 
     def _reset_optimizers(self) -> None:
         """New optimizers at the configured rates, without moment estimates."""
         self.main_optimizer = torch.optim.Adam(self._parameters, lr=self.config.main_lr)
-        self.watermark_optimizer = self.main_optimizer if self.config.shared_optimizer else \
-            torch.optim.Adam(self._parameters, lr=self.config.transposed_lr)
+        if self.config.shared_optimizer:
+            self.watermark_optimizer = self.main_optimizer
+        else:
+            self.watermark_optimizer = torch.optim.Adam(self._parameters, lr=self.config.transposed_lr)
 
     def harden(self, progress: Progress = _silent) -> int:
         """Train only the transposed model until mean SSIM reaches the target or the step limit; return steps.
