@@ -172,6 +172,7 @@ def test_embed_again_with_force(tmp_path):
     result = onnxmark("embed", FIXTURE_MODEL, *QUICK_EMBED, "-o", tmp_path, "--force", check=False)
 
     assert result.returncode == 0, result.stderr
+    assert "hardening steps at learning rate 0.001" in result.stdout
 
 
 def test_existing_evidence_needs_force(tmp_path):
