@@ -38,11 +38,11 @@ DRIFT_LOOKAHEAD = 40.0
 # Length, in Adam steps at the transposed learning rate, of the ascent that one in three transposed steps
 # takes its gradient after (TrainingConfig.erase_steps).
 ERASE_STEPS = 10.0
-# Before hardening, one probe step checks the learning rate: where that step moves the transposed images by
-# more than this many pixel units on average, both learning rates drop tenfold, up to LEARNING_RATE_CUTS
-# times. One step at 1e-3 moved the untrained fixture model's images by 0.16, ResNet-18's by 0.11 and
-# ResNet-34's by 0.26, but VGG11's by 5.7. VGG11's linear layers start at standard deviation 0.01, and
-# Adam's first step moves every weight by the learning rate. Its picture then grew a thousandfold per step.
+# Largest mean change, in pixel units, of the transposed images after one probe step before hardening
+# (see Watermarker.settle_learning_rate). At 1e-3 the untrained fixture model's images moved by 0.16,
+# ResNet-18's by 0.11, ResNet-34's by 0.26 and VGG11's by 5.7, after which VGG11's grew a thousandfold per
+# step. VGG11's linear layers start at standard deviation 0.01, and Adam's first step moves every weight by
+# the learning rate.
 PROBE_CHANGE_LIMIT = 1.0
 LEARNING_RATE_CUTS = 3
 
@@ -102,7 +102,7 @@ class Watermarker:
     def __init__(self, graph: ModelGraph, plan: Plan, spec: InputSpec, preprocessing: Preprocessing,
                  keys: np.ndarray, secrets: np.ndarray, config: TrainingConfig):
         self.graph = graph
-        self.config = replace(config)     # a copy: settle_learning_rate changes its rates
+        self.config = replace(config)     # a copy, because settle_learning_rate changes its rates
         self.spec = spec
         self.store = ParameterStore(graph)
         self.forward = ForwardExecutor(graph, self.store)
@@ -194,8 +194,8 @@ class Watermarker:
     def settle_learning_rate(self) -> float:
         """Cut both learning rates tenfold while one transposed step moves the images too far; return the rate.
 
-        Each probe step is undone (weights, optimizer state and torch's random state), so the rate found is
-        the only thing the probe changes.
+        Up to LEARNING_RATE_CUTS cuts. Each probe step is undone (weights, optimizer state and torch's random
+        state), so the probe changes only the rates.
         """
         saved = [parameter.detach().clone() for parameter in self._parameters]
         random_state = torch.get_rng_state()
@@ -218,7 +218,7 @@ class Watermarker:
         return self.config.transposed_lr
 
     def _reset_optimizers(self) -> None:
-        """New optimizers at the configured rates, without moment estimates."""
+        """Create fresh Adam optimizers at the configured rates."""
         self.main_optimizer = torch.optim.Adam(self._parameters, lr=self.config.main_lr)
         if self.config.shared_optimizer:
             self.watermark_optimizer = self.main_optimizer
@@ -228,7 +228,7 @@ class Watermarker:
     def harden(self, progress: Progress = _silent) -> int:
         """Train only the transposed model until mean SSIM reaches the target or the step limit; return steps.
 
-        The learning rates are settled first (see settle_learning_rate).
+        Settles the learning rates first (see settle_learning_rate).
         """
         self.settle_learning_rate()
         limit = self.config.max_hardening_steps

@@ -66,7 +66,7 @@ def residual_model(tmp_path, shortcut_layer=False):
 
 
 def intermediate_mean(path, tensor, data):
-    """Mean over `data` of an intermediate tensor, computed by onnxruntime one sample at a time."""
+    """Compute an intermediate tensor's mean over `data` with onnxruntime, one sample at a time."""
     import onnxruntime as ort
 
     exposed = onnx.load(path)
@@ -75,7 +75,7 @@ def intermediate_mean(path, tensor, data):
     return np.concatenate([session.run([tensor], {"x": data[i:i + 1]})[0] for i in range(len(data))]).mean(axis=0)
 
 
-def test_conv_block_follows_identity_shortcut_and_freezes_residual(tmp_path):
+def test_identity_shortcut_is_followed(tmp_path):
     path = residual_model(tmp_path)
     data = RNG.uniform(0, 1, (256, 1, 6, 6)).astype(np.float32)
 
@@ -88,7 +88,7 @@ def test_conv_block_follows_identity_shortcut_and_freezes_residual(tmp_path):
     np.testing.assert_allclose(plan.frozen_values["r"], intermediate_mean(path, "r", data), rtol=1e-4, atol=1e-4)
 
 
-def test_identity_shortcut_transposed_subtracts_the_frozen_residual(tmp_path):
+def test_identity_shortcut_subtracts_frozen_residual(tmp_path):
     path = residual_model(tmp_path)
     graph, plan = planned(path, RNG.uniform(0, 1, (256, 1, 6, 6)).astype(np.float32))
     y = RNG.normal(size=(3, 4, 6, 6)).astype(np.float32)
@@ -101,7 +101,7 @@ def test_identity_shortcut_transposed_subtracts_the_frozen_residual(tmp_path):
     np.testing.assert_allclose(from_onnx, expected.numpy(), rtol=1e-4, atol=1e-3)
 
 
-def test_downsampling_block_follows_residual_and_freezes_shortcut(tmp_path):
+def test_downsampling_block_freezes_shortcut(tmp_path):
     path = residual_model(tmp_path, shortcut_layer=True)
     data = RNG.uniform(0, 1, (256, 1, 6, 6)).astype(np.float32)
     graph, plan = planned(path, data)
@@ -122,7 +122,7 @@ def test_downsampling_block_follows_residual_and_freezes_shortcut(tmp_path):
 
 
 def test_linear_block_follows_residual_branch(tmp_path):
-    """A transformer-style block, y = x + W2 relu(W1 x): the branch with the layers is followed."""
+    """A transformer-style block, y = x + W2 relu(W1 x), follows the branch with the layers."""
     nodes = [
         helper.make_node("MatMul", ["x", "w_1"], ["h"], name="up"),
         helper.make_node("Relu", ["h"], ["h_relu"], name="relu"),

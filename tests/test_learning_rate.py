@@ -1,4 +1,4 @@
-"""The probe step before hardening: a learning rate that throws the transposed images far is cut tenfold."""
+"""The probe step before hardening cuts a learning rate that moves the transposed images too far."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,13 +11,12 @@ from onnxmark.secrets import default_texts, render_text
 from onnxmark.training import PROBE_CHANGE_LIMIT, TrainingConfig, Watermarker
 from tests.conftest import FIXTURE_MODEL
 
-# The fixture model's transposed layers have no bias to speak of before training, so its images scale
-# with the keys, and so does the change one step makes. Keys a hundred times larger than the default
-# stand in for a model whose first step moves its images too far, as VGG11's did.
+# Before training, the fixture model's transposed images and the change one step makes scale with the keys.
+# Keys a hundred times the default stand in for a model whose first step moves its images too far.
 LARGE_KEY_RANGE = 1000.0
 
 
-def fixture_watermarker(key_range: float, config: TrainingConfig | None = None) -> Watermarker:
+def scaled_key_watermarker(key_range: float, config: TrainingConfig | None = None) -> Watermarker:
     torch.manual_seed(0)
     graph = import_graph(FIXTURE_MODEL, load_onnx(FIXTURE_MODEL))
     secrets = np.stack([render_text(text, 1, 28, 28) for text in default_texts(3, 0)]).astype(np.float32)
@@ -35,9 +34,9 @@ def image_change_after_one_step(watermarker: Watermarker) -> float:
 
 
 def test_large_first_step_cuts_rate():
-    first_step = image_change_after_one_step(fixture_watermarker(LARGE_KEY_RANGE))
+    first_step = image_change_after_one_step(scaled_key_watermarker(LARGE_KEY_RANGE))
 
-    watermarker = fixture_watermarker(LARGE_KEY_RANGE)
+    watermarker = scaled_key_watermarker(LARGE_KEY_RANGE)
     rate = watermarker.settle_learning_rate()
 
     assert first_step > PROBE_CHANGE_LIMIT
@@ -47,14 +46,14 @@ def test_large_first_step_cuts_rate():
 
 
 def test_default_keys_keep_the_rate():
-    watermarker = fixture_watermarker(10.0)
+    watermarker = scaled_key_watermarker(10.0)
 
     assert watermarker.settle_learning_rate() == 1e-3
     assert watermarker.config.main_lr == 1e-3
 
 
 def test_probe_restores_weights_and_random_state():
-    watermarker = fixture_watermarker(LARGE_KEY_RANGE)
+    watermarker = scaled_key_watermarker(LARGE_KEY_RANGE)
     before = [parameter.detach().clone() for parameter in watermarker.store.trainable()]
     random_state = torch.get_rng_state()
 
@@ -67,7 +66,7 @@ def test_probe_restores_weights_and_random_state():
 
 def test_caller_config_keeps_its_rates():
     config = TrainingConfig()
-    watermarker = fixture_watermarker(LARGE_KEY_RANGE, config)
+    watermarker = scaled_key_watermarker(LARGE_KEY_RANGE, config)
 
     watermarker.settle_learning_rate()
 

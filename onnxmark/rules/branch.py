@@ -3,12 +3,11 @@
 An element-wise node or MatMul of two activations follows one operand back and reads the other as a
 frozen tensor (its mean over real inputs, stored in the key): `c = a + b` becomes `a = c - mean(b)`.
 The followed operand is the one the plan can transpose back to the input. Where both can be, a
-convolutional residual block whose shortcut is the identity follows the shortcut: it carries the key past
-the block unchanged, whereas following every residual branch multiplies the key through two more layers
-and subtracts a frozen shortcut per block, and in ResNet-34 that shrank the key's part of the image to
-nothing. Otherwise the followed operand is the branch with more conv/linear layers since the two branches
-parted: the residual branch of a downsampling block (its 1x1 strided shortcut would leave gaps in the
-image) and of a transformer block, where attention is the only path between tokens.
+convolutional block whose shortcut is the identity follows the shortcut, which carries the key past the
+block unchanged. Following every residual branch instead shrank the key's part of ResNet-34's image from
+0.46 to 1.5e-7. Elsewhere the followed operand is the branch with more conv/linear layers since the two
+branches parted. That is the residual branch of a downsampling block, because its strided 1x1 shortcut
+would leave gaps in the image, and of a transformer block, because attention alone mixes the tokens.
 
 Concat is split back into its parts, and each part goes back along its own branch. Where the branches
 meet again, the transposed model adds their contributions.
